@@ -1,0 +1,116 @@
+"""Streaming top-k: ours vs the SemanticLens merge, side by side in one run.
+
+* ``topk_update``: C = 2048 channels, batches of 256 fp32 activations, 200k samples,
+  k in {20, 100}. Peers: ``semanticlens==0.2.1`` ``ActMax.update`` (bf16 cat + topk,
+  initialised at 0), a plain fp32 cat + ``torch.topk`` + gather, and our torch
+  reference. Activations cycle through a pool of 32 distinct random batches (64 MB,
+  larger than the caches, so every batch is read from memory as a fresh one would be).
+* ``pool_topk_update`` on fp32 feature maps [256, 2048, 7, 7] and [64, 256, 56, 56]
+  with pool = max, vs ``torch.amax`` over the spatial dims of the same maps alone.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from semlens_fast.ops import TopKState, pool_topk_update, topk_update
+
+from conftest import scaled
+
+C, B = 2048, 256
+N = scaled(200_000, B)
+NB = N // B
+POOL_BATCHES = 32
+
+
+@pytest.fixture(scope="module")
+def batches():
+    g = torch.Generator().manual_seed(0)
+    acts = [torch.randn(B, C, generator=g) for _ in range(POOL_BATCHES)]
+    ids = [torch.arange(i * B, (i + 1) * B) for i in range(NB)]
+    return acts, ids
+
+
+def _ours(acts, ids, k):
+    state = TopKState.empty(C, k)
+    for i in range(len(ids)):
+        topk_update(state, acts[i % POOL_BATCHES], ids[i])
+    return state
+
+
+def _reference(acts, ids, k):
+    os.environ["SEMLENS_BACKEND"] = "reference"
+    try:
+        return _ours(acts, ids, k)
+    finally:
+        del os.environ["SEMLENS_BACKEND"]
+
+
+def _semanticlens(acts, ids, k):
+    from semanticlens.component_visualization.activation_caching import ActMax
+
+    am = ActMax(k, C)
+    for i in range(len(ids)):
+        am.update(acts[i % POOL_BATCHES], ids[i])
+    return am
+
+
+def _plain_fp32(acts, ids, k):
+    vals = torch.full((C, k), float("-inf"))
+    idx = torch.full((C, k), -1, dtype=torch.int64)
+    for i in range(len(ids)):
+        a = acts[i % POOL_BATCHES]
+        allv = torch.cat([vals, a.t()], 1)
+        alli = torch.cat([idx, ids[i].expand(C, B)], 1)
+        vals, j = torch.topk(allv, k, dim=1)
+        idx = alli.gather(1, j)
+    return vals, idx
+
+
+IMPLS = {
+    "ours": _ours,
+    "semanticlens ActMax.update": _semanticlens,
+    "plain fp32 cat+topk": _plain_fp32,
+    "ours torch reference": _reference,
+}
+
+
+@pytest.mark.parametrize("k", [20, 100])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_topk_update(benchmark, batches, impl, k):
+    acts, ids = batches
+    benchmark.group = f"topk_update C={C} B={B} N={N} k={k}"
+    benchmark.extra_info.update({"items": N, "unit": "samples", "ours": impl == "ours", "label": impl})
+    fn = IMPLS[impl]
+    fn(acts, ids[: min(4, NB)], k)  # warm-up (threads, allocator)
+    benchmark.pedantic(fn, args=(acts, ids, k), rounds=3, iterations=1)
+
+
+MAPS = {"[256,2048,7,7]": (256, 2048, 7, 7), "[64,256,56,56]": (64, 256, 56, 56)}
+
+
+@pytest.fixture(scope="module")
+def fmaps():
+    g = torch.Generator().manual_seed(1)
+    return {name: torch.randn(*shape, generator=g) for name, shape in MAPS.items()}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", list(MAPS))
+@pytest.mark.parametrize("impl", ["ours pool_topk_update", "torch.amax alone"])
+def test_pool_topk_update(benchmark, fmaps, shape, layout, impl):
+    fm = fmaps[shape]
+    if layout == "channels_last":
+        fm = fm.contiguous(memory_format=torch.channels_last)
+    ids = torch.arange(fm.shape[0])
+    benchmark.group = f"pool max {shape} fp32 {layout}"
+    benchmark.extra_info.update({"items": fm.shape[0], "unit": "samples", "ours": impl.startswith("ours"), "label": impl})
+    if impl.startswith("ours"):
+        state = TopKState.empty(fm.shape[1], 20)
+        fn = lambda: pool_topk_update(state, fm, ids, "max")  # noqa: E731
+    else:
+        fn = lambda: torch.amax(fm, dim=(2, 3))  # noqa: E731
+    fn()
+    benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)

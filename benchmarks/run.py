@@ -1,0 +1,121 @@
+"""Run the benchmark suites and write BENCHMARKS.md.
+
+    python benchmarks/run.py                 # every suite
+    python benchmarks/run.py bench_topk.py   # some suites
+    SEMLENS_BENCH_SCALE=0.1 python benchmarks/run.py   # quick, smaller data
+
+Each suite puts the implementations that compete in one pytest-benchmark *group*; the
+one marked ``extra_info["ours"]`` is the reference point of the ratios in the table
+("x ours" = that row's mean time / ours, so 20.0 means ours is 20x faster).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _machine() -> list[str]:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        from semlens_fast.ops import cpu_isa
+
+        isa = cpu_isa()
+    except Exception:  # pragma: no cover
+        isa = "unknown"
+    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("semanticlens", "faiss", "zennit", "triton"):
+        try:
+            m = __import__(mod)
+            versions.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception:
+            pass
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"semlens_fast CPU kernels: {isa}",
+        f"- versions: {', '.join(versions)}",
+        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- scale: SEMLENS_BENCH_SCALE={os.environ.get('SEMLENS_BENCH_SCALE', '1.0')}",
+    ]
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def tables(data: dict) -> list[str]:
+    groups: dict[str, list[dict]] = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b.get("group") or b["name"], []).append(b)
+    out: list[str] = []
+    for group, rows in groups.items():
+        ours = next((r for r in rows if r.get("extra_info", {}).get("ours")), None)
+        out += [f"### {group}", "", "| implementation | mean | min | throughput | x ours |", "|---|---|---|---|---|"]
+        for r in rows:
+            st = r["stats"]
+            info = r.get("extra_info", {})
+            name = r.get("param") or r["name"]
+            label = info.get("label") or r["name"].split("[", 1)[-1].rstrip("]")
+            thr = ""
+            if info.get("items"):
+                thr = f"{info['items'] / st['mean']:,.0f} {info.get('unit', 'items')}/s"
+            ratio = f"{st['mean'] / ours['stats']['mean']:.2f}" if ours else ""
+            extra = info.get("note", "")
+            out.append(f"| {label}{' — ' + extra if extra else ''} | {_fmt_time(st['mean'])} | {_fmt_time(st['min'])} | {thr} | {ratio} |")
+            del name
+        out.append("")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    suites = argv or sorted(p.name for p in HERE.glob("bench_*.py"))
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--benchmark-json={js}",
+               "--benchmark-only", "-o", "python_files=bench_*.py", "--rootdir", str(HERE), *[str(HERE / s) for s in suites]]
+        print("running:", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=str(HERE))
+        if not js.exists():
+            print("no benchmark results were written", file=sys.stderr)
+            return rc or 1
+        data = json.loads(js.read_text())
+    lines = ["# Benchmarks", "",
+             "Written by `python benchmarks/run.py` (`semlens bench`). Times are pytest-benchmark means over the",
+             "rounds each suite sets; *x ours* is that row's mean time divided by ours (above 1: ours is faster).", ""]
+    lines += _machine() + ["", f"Suites: {', '.join(suites)}", ""]
+    lines += tables(data)
+    notes = ROOT / "benchmarks" / "NOTES.md"
+    if notes.exists():
+        lines += ["## Notes", "", notes.read_text().strip(), ""]
+    out = ROOT / "BENCHMARKS.md"
+    tmp_out = out.with_suffix(".md.tmp")
+    tmp_out.write_text("\n".join(lines) + "\n")
+    os.replace(tmp_out, out)
+    print(f"wrote {out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,314 @@
+// Fused pooling + streaming top-k kernel, written once and compiled once per SIMD
+// level. Each topk_<level>.cpp defines SLF_LEVEL (0 scalar, 1 AVX2, 2 AVX-512) and
+// SLF_NS, includes its headers, switches the compiler target, then includes this.
+//
+// Work split: every thread owns a contiguous range of channels, so the per-channel
+// top-k lists are written by one thread only (no locks). The common case, a pooled
+// value below the channel's current k-th value, costs one SIMD compare; only
+// candidates go to the scalar insertion (binary search + memmove).
+
+namespace SLF_NS {
+using namespace slf;
+
+#if SLF_LEVEL == 2
+constexpr int W = 16;
+using VF = __m512;
+template <int DT> static inline VF vload(const typename In<DT>::T* p) {
+    if constexpr (DT == F32) return _mm512_loadu_ps(p);
+    else if constexpr (DT == F16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    else return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+static inline VF vset1(float v) { return _mm512_set1_ps(v); }
+static inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
+static inline VF vabs(VF x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff))); }
+// max that propagates NaN from either side
+static inline VF vmax_nan(VF acc, VF x) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_max_ps(x, acc), x);
+}
+// lanes that may enter the top-k (p >= threshold) or are NaN (to be counted)
+static inline uint32_t cand_mask(VF p, VF t) {
+    return static_cast<uint32_t>(_mm512_cmp_ps_mask(p, t, _CMP_GE_OQ) | _mm512_cmp_ps_mask(p, p, _CMP_UNORD_Q));
+}
+static inline void acc_pd(double* a, VF x) {
+    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a), lo));
+    _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8), hi));
+}
+#elif SLF_LEVEL == 1
+constexpr int W = 8;
+using VF = __m256;
+template <int DT> static inline VF vload(const typename In<DT>::T* p) {
+    if constexpr (DT == F32) return _mm256_loadu_ps(p);
+    else if constexpr (DT == F16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    else return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+static inline VF vset1(float v) { return _mm256_set1_ps(v); }
+static inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+static inline VF vabs(VF x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+static inline VF vmax_nan(VF acc, VF x) {
+    return _mm256_blendv_ps(_mm256_max_ps(x, acc), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+static inline uint32_t cand_mask(VF p, VF t) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(
+        _mm256_or_ps(_mm256_cmp_ps(p, t, _CMP_GE_OQ), _mm256_cmp_ps(p, p, _CMP_UNORD_Q))));
+}
+static inline void acc_pd(double* a, VF x) {
+    __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+    __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), lo));
+    _mm256_storeu_pd(a + 4, _mm256_add_pd(_mm256_loadu_pd(a + 4), hi));
+}
+#else
+constexpr int W = 1;
+using VF = float;
+template <int DT> static inline VF vload(const typename In<DT>::T* p) { return In<DT>::get(p); }
+static inline VF vset1(float v) { return v; }
+static inline void vstore(float* p, VF v) { *p = v; }
+static inline VF vabs(VF x) { return std::fabs(x); }
+static inline VF vmax_nan(VF acc, VF x) { return (x != x || acc != acc) ? (x != x ? x : acc) : (x > acc ? x : acc); }
+static inline uint32_t cand_mask(VF p, VF t) { return (p >= t || p != p) ? 1u : 0u; }
+static inline void acc_pd(double* a, VF x) { *a += static_cast<double>(x); }
+#endif
+
+static inline float smax_nan(float acc, float x) {
+    return (x != x || acc != acc) ? (x != x ? x : acc) : (x > acc ? x : acc);
+}
+
+template <int DT, int POOL>
+struct Kernel {
+    using T = typename In<DT>::T;
+    static constexpr bool kMaxLike = (POOL == POOL_MAX || POOL == POOL_ABSMAX);
+
+    const PoolArgs& a;
+    const T* x;
+    int64_t c0, c1;
+    float* thr;     // [c1-c0] current k-th value of each owned channel
+    float* facc;    // [c1-c0] pooled values of one sample (S > 1, channel-minor)
+    double* dacc;   // [c1-c0] float64 sums of one sample (sum/mean, channel-minor)
+
+    inline float elem(int64_t b, int64_t c, int64_t s) const {
+        float v = In<DT>::get(x + b * a.sb + c * a.sc + s * a.ss);
+        return POOL == POOL_ABSMAX ? std::fabs(v) : v;
+    }
+
+    // A pooled value that passed the SIMD pre-check: count NaN, else try to insert.
+    inline void handle(int64_t b, int64_t c, float v) {
+        if (v != v) { a.nan_counts[c] += 1; return; }
+        float* vals = a.vals + c * a.k;
+        int64_t* ids = a.ids + c * a.k;
+        const int64_t sid = a.sample_ids[b];
+        if (!better(v, sid, vals[a.k - 1], ids[a.k - 1])) return;
+        int32_t p = -1;
+        if (kMaxLike) {  // first position of the maximum; the stored value is that element
+            int64_t s = 0;
+            for (; s < a.S; ++s) if (elem(b, c, s) == v) break;
+            if (s == a.S) s = 0;  // unreachable: v is one of the elements
+            v = elem(b, c, s);
+            if (a.track_pos) p = static_cast<int32_t>(s);
+        }
+        insert_entry(vals, ids, a.pos + c * a.k, a.k, v, sid, p);
+        thr[c - c0] = vals[a.k - 1];
+    }
+
+    static inline float finish_sum(double s, int64_t S) {
+        double r = POOL == POOL_MEAN ? s / static_cast<double>(S) : s;
+        return static_cast<float>(r) + 0.0f;  // + 0.0 turns -0.0 into +0.0 (as the reference)
+    }
+
+    // channel-minor layout: stride over channels is 1 (acts [B, C], channels_last, tokens [B, T, C])
+    void run_minor() {
+        const int64_t nc = c1 - c0;
+        for (int64_t b = 0; b < a.B; ++b) {
+            const T* xb = x + b * a.sb + c0;
+            if (a.S == 1 && POOL != POOL_ABSMAX && !(POOL == POOL_SUM || POOL == POOL_MEAN)) {
+                int64_t i = 0;
+                for (; i + 4 * W <= nc; i += 4 * W) {  // 4 vectors per test: candidates are rare
+                    uint32_t m0 = cand_mask(vload<DT>(xb + i), vload<F32>(thr + i));
+                    uint32_t m1 = cand_mask(vload<DT>(xb + i + W), vload<F32>(thr + i + W));
+                    uint32_t m2 = cand_mask(vload<DT>(xb + i + 2 * W), vload<F32>(thr + i + 2 * W));
+                    uint32_t m3 = cand_mask(vload<DT>(xb + i + 3 * W), vload<F32>(thr + i + 3 * W));
+                    if (__builtin_expect((m0 | m1 | m2 | m3) == 0, 1)) continue;
+                    uint32_t ms[4] = {m0, m1, m2, m3};
+                    for (int q = 0; q < 4; ++q) {
+                        uint32_t m = ms[q];
+                        while (m) {
+                            int l = __builtin_ctz(m); m &= m - 1;
+                            int64_t j = i + q * W + l;
+                            handle(b, c0 + j, In<DT>::get(xb + j));
+                        }
+                    }
+                }
+                for (; i + W <= nc; i += W) {
+                    uint32_t m = cand_mask(vload<DT>(xb + i), vload<F32>(thr + i));
+                    while (m) {
+                        int l = __builtin_ctz(m); m &= m - 1;
+                        handle(b, c0 + i + l, In<DT>::get(xb + i + l));
+                    }
+                }
+                for (; i < nc; ++i) {
+                    float v = In<DT>::get(xb + i);
+                    if (v >= thr[i] || v != v) handle(b, c0 + i, v);
+                }
+                continue;
+            }
+            if (kMaxLike) {
+                for (int64_t s = 0; s < a.S; ++s) {
+                    const T* row = xb + s * a.ss;
+                    int64_t i = 0;
+                    if (s == 0) {
+                        for (; i + W <= nc; i += W) {
+                            VF v = vload<DT>(row + i);
+                            if (POOL == POOL_ABSMAX) v = vabs(v);
+                            vstore(facc + i, v);
+                        }
+                        for (; i < nc; ++i) {
+                            float v = In<DT>::get(row + i);
+                            facc[i] = POOL == POOL_ABSMAX ? std::fabs(v) : v;
+                        }
+                    } else {
+                        for (; i + W <= nc; i += W) {
+                            VF v = vload<DT>(row + i);
+                            if (POOL == POOL_ABSMAX) v = vabs(v);
+                            vstore(facc + i, vmax_nan(vload<F32>(facc + i), v));
+                        }
+                        for (; i < nc; ++i) {
+                            float v = In<DT>::get(row + i);
+                            facc[i] = smax_nan(facc[i], POOL == POOL_ABSMAX ? std::fabs(v) : v);
+                        }
+                    }
+                }
+            } else {
+                for (int64_t i = 0; i < nc; ++i) dacc[i] = 0.0;
+                for (int64_t s = 0; s < a.S; ++s) {
+                    const T* row = xb + s * a.ss;
+                    int64_t i = 0;
+                    for (; i + W <= nc; i += W) acc_pd(dacc + i, vload<DT>(row + i));
+                    for (; i < nc; ++i) dacc[i] += static_cast<double>(In<DT>::get(row + i));
+                }
+                for (int64_t i = 0; i < nc; ++i) facc[i] = finish_sum(dacc[i], a.S);
+            }
+            int64_t i = 0;
+            for (; i + W <= nc; i += W) {
+                uint32_t m = cand_mask(vload<F32>(facc + i), vload<F32>(thr + i));
+                while (m) {
+                    int l = __builtin_ctz(m); m &= m - 1;
+                    handle(b, c0 + i + l, facc[i + l]);
+                }
+            }
+            for (; i < nc; ++i) {
+                float v = facc[i];
+                if (v >= thr[i] || v != v) handle(b, c0 + i, v);
+            }
+        }
+    }
+
+    // pooled value of S contiguous elements
+    inline float reduce_contig(const T* p) const {
+        const int64_t S = a.S;
+        int64_t s = 0;
+        if (kMaxLike) {
+            float r;
+            if (S >= W && W > 1) {
+                VF acc = vload<DT>(p);
+                if (POOL == POOL_ABSMAX) acc = vabs(acc);
+                for (s = W; s + W <= S; s += W) {
+                    VF v = vload<DT>(p + s);
+                    if (POOL == POOL_ABSMAX) v = vabs(v);
+                    acc = vmax_nan(acc, v);
+                }
+                alignas(64) float tmp[W];
+                vstore(tmp, acc);
+                r = tmp[0];
+                for (int l = 1; l < W; ++l) r = smax_nan(r, tmp[l]);
+            } else {
+                r = In<DT>::get(p);
+                if (POOL == POOL_ABSMAX) r = std::fabs(r);
+                s = 1;
+            }
+            for (; s < S; ++s) {
+                float v = In<DT>::get(p + s);
+                r = smax_nan(r, POOL == POOL_ABSMAX ? std::fabs(v) : v);
+            }
+            return r;
+        } else {
+            alignas(64) double acc[W];
+            for (int l = 0; l < W; ++l) acc[l] = 0.0;
+            for (; s + W <= S; s += W) acc_pd(acc, vload<DT>(p + s));
+            double r = 0.0;
+            for (int l = 0; l < W; ++l) r += acc[l];
+            for (; s < S; ++s) r += static_cast<double>(In<DT>::get(p + s));
+            return finish_sum(r, S);
+        }
+    }
+
+    // channel-major layout: the S elements of one (sample, channel) are contiguous (NCHW)
+    void run_major() {
+        for (int64_t b = 0; b < a.B; ++b) {
+            for (int64_t c = c0; c < c1; ++c) {
+                float v = reduce_contig(x + b * a.sb + c * a.sc);
+                if (v >= thr[c - c0] || v != v) handle(b, c, v);
+            }
+        }
+    }
+};
+
+template <int DT, int POOL>
+static void run_range(const PoolArgs& a, int64_t c0, int64_t c1, bool minor) {
+    const int64_t nc = c1 - c0;
+    if (nc <= 0) return;
+    float* thr = static_cast<float*>(std::malloc(sizeof(float) * nc * 2));
+    double* dacc = static_cast<double*>(std::malloc(sizeof(double) * nc));
+    float* facc = thr + nc;
+    for (int64_t c = c0; c < c1; ++c) thr[c - c0] = a.vals[c * a.k + a.k - 1];
+    Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc, dacc};
+    if (minor) kern.run_minor(); else kern.run_major();
+    std::free(dacc);
+    std::free(thr);
+}
+
+template <int DT>
+static void run_dt(const PoolArgs& a, int64_t c0, int64_t c1, bool minor) {
+    switch (a.pool) {
+        case POOL_MAX: run_range<DT, POOL_MAX>(a, c0, c1, minor); break;
+        case POOL_MEAN: run_range<DT, POOL_MEAN>(a, c0, c1, minor); break;
+        case POOL_ABSMAX: run_range<DT, POOL_ABSMAX>(a, c0, c1, minor); break;
+        default: run_range<DT, POOL_SUM>(a, c0, c1, minor); break;
+    }
+}
+
+void pool_topk(const PoolArgs& a) {
+    // channel-minor when channels are contiguous (and S > 1 rows are strided), else the
+    // S elements of a channel must be contiguous (checked by the caller)
+    const bool minor = a.sc == 1 && (a.S == 1 || a.ss != 1);
+    const int64_t work = a.B * a.C * a.S;
+    int nt = a.nthreads;
+    if (work < (1 << 15)) nt = 1;
+    const int64_t align = 16;
+    int64_t per = (a.C + nt - 1) / nt;
+    per = ((per + align - 1) / align) * align;
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num();
+            int64_t c0 = t * per, c1 = c0 + per < a.C ? c0 + per : a.C;
+            if (c0 < a.C) {
+                switch (a.dtype) {
+                    case F32: run_dt<F32>(a, c0, c1, minor); break;
+                    case F16: run_dt<F16>(a, c0, c1, minor); break;
+                    default: run_dt<BF16>(a, c0, c1, minor); break;
+                }
+            }
+        }
+    } else {
+        switch (a.dtype) {
+            case F32: run_dt<F32>(a, 0, a.C, minor); break;
+            case F16: run_dt<F16>(a, 0, a.C, minor); break;
+            default: run_dt<BF16>(a, 0, a.C, minor); break;
+        }
+    }
+}
+
+}  // namespace SLF_NS

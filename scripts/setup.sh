@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up semlens_fast on a fresh machine (system Python, no venv needed).
+#   scripts/setup.sh          # runtime + test + benchmark dependencies, builds the C++ kernels
+# Idempotent: re-running only re-installs what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+# Offline data used by the demo and the tests (Fashion-MNIST, English text). Optional:
+# everything falls back to scikit-learn's digits when it is absent.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    if ! dpkg -s dataset-fashion-mnist fortunes >/dev/null 2>&1; then
+        apt-get update -qq || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fortunes >/dev/null || \
+            echo "setup: apt-get could not install dataset-fashion-mnist/fortunes; continuing without them" >&2
+    fi
+fi
+
+# torch first: these exact releases come from local files on the reference machine.
+python -m pip install -q torch==2.14.1 torchvision==0.29.1
+# the package (builds semlens_fast._C in place) with its test and benchmark extras
+python -m pip install -q -e ".[test,bench]"
+python - <<'PY'
+import semlens_fast, semlens_fast.ops as ops
+print(f"semlens_fast {semlens_fast.__version__} ready; CPU kernels: {ops.cpu_isa()}")
+PY

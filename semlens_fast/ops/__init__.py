@@ -1,0 +1,8 @@
+"""The kernels' Python face: pure functions on tensors, dispatched by device.
+
+See :mod:`semlens_fast.ops._backend` for backend selection (``SEMLENS_BACKEND``).
+"""
+from ._backend import cpu_isa
+from .topk import POOLS, TopKState, merge_topk, pool_topk_update, topk_update
+
+__all__ = ["POOLS", "TopKState", "cpu_isa", "merge_topk", "pool_topk_update", "topk_update"]

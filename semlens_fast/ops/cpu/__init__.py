@@ -1,0 +1,4 @@
+"""C++ CPU backend (extension ``semlens_fast._C``)."""
+from .topk import merge_topk, pool_topk_update
+
+__all__ = ["merge_topk", "pool_topk_update"]

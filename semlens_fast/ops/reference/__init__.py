@@ -1,0 +1,4 @@
+"""Torch reference implementations of every op (the specification)."""
+from .topk import merge_topk, pool, pool_topk_update, select_topk
+
+__all__ = ["merge_topk", "pool", "pool_topk_update", "select_topk"]

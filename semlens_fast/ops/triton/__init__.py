@@ -1,0 +1,4 @@
+"""Triton backend (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)."""
+from .topk import merge_topk, pool_topk_update
+
+__all__ = ["merge_topk", "pool_topk_update"]
