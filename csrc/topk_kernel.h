@@ -86,8 +86,7 @@ struct Kernel {
     const T* x;
     int64_t c0, c1;
     float* thr;     // [c1-c0] current k-th value of each owned channel
-    float* facc;    // [c1-c0] pooled values of one sample (S > 1, channel-minor)
-    double* dacc;   // [c1-c0] float64 sums of one sample (sum/mean, channel-minor)
+    float* facc;    // [c1-c0] pooled values of one sample (channel-minor, S > 1)
 
     inline float elem(int64_t b, int64_t c, int64_t s) const {
         float v = In<DT>::get(x + b * a.sb + c * a.sc + s * a.ss);
@@ -154,41 +153,58 @@ struct Kernel {
                 }
                 continue;
             }
+            // Pool column tiles of 4 vectors over all S rows with the accumulators in
+            // registers (the rows of one sample stay in cache between tiles).
             if (kMaxLike) {
-                for (int64_t s = 0; s < a.S; ++s) {
-                    const T* row = xb + s * a.ss;
-                    int64_t i = 0;
-                    if (s == 0) {
-                        for (; i + W <= nc; i += W) {
-                            VF v = vload<DT>(row + i);
-                            if (POOL == POOL_ABSMAX) v = vabs(v);
-                            vstore(facc + i, v);
-                        }
-                        for (; i < nc; ++i) {
-                            float v = In<DT>::get(row + i);
-                            facc[i] = POOL == POOL_ABSMAX ? std::fabs(v) : v;
-                        }
-                    } else {
-                        for (; i + W <= nc; i += W) {
-                            VF v = vload<DT>(row + i);
-                            if (POOL == POOL_ABSMAX) v = vabs(v);
-                            vstore(facc + i, vmax_nan(vload<F32>(facc + i), v));
-                        }
-                        for (; i < nc; ++i) {
-                            float v = In<DT>::get(row + i);
-                            facc[i] = smax_nan(facc[i], POOL == POOL_ABSMAX ? std::fabs(v) : v);
-                        }
+                const float ninf = -std::numeric_limits<float>::infinity();
+                int64_t i = 0;
+                for (; i + 4 * W <= nc; i += 4 * W) {
+                    VF a0 = vset1(ninf), a1 = a0, a2 = a0, a3 = a0;
+                    const T* col = xb + i;
+                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
+                        VF v0 = vload<DT>(col), v1 = vload<DT>(col + W), v2 = vload<DT>(col + 2 * W), v3 = vload<DT>(col + 3 * W);
+                        if (POOL == POOL_ABSMAX) { v0 = vabs(v0); v1 = vabs(v1); v2 = vabs(v2); v3 = vabs(v3); }
+                        a0 = vmax_nan(a0, v0); a1 = vmax_nan(a1, v1); a2 = vmax_nan(a2, v2); a3 = vmax_nan(a3, v3);
                     }
+                    vstore(facc + i, a0); vstore(facc + i + W, a1); vstore(facc + i + 2 * W, a2); vstore(facc + i + 3 * W, a3);
+                }
+                for (; i + W <= nc; i += W) {
+                    VF a0 = vset1(ninf);
+                    const T* col = xb + i;
+                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
+                        VF v0 = vload<DT>(col);
+                        if (POOL == POOL_ABSMAX) v0 = vabs(v0);
+                        a0 = vmax_nan(a0, v0);
+                    }
+                    vstore(facc + i, a0);
+                }
+                for (; i < nc; ++i) {
+                    float r = ninf;
+                    const T* col = xb + i;
+                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
+                        float v = In<DT>::get(col);
+                        r = smax_nan(r, POOL == POOL_ABSMAX ? std::fabs(v) : v);
+                    }
+                    facc[i] = r;
                 }
             } else {
-                for (int64_t i = 0; i < nc; ++i) dacc[i] = 0.0;
-                for (int64_t s = 0; s < a.S; ++s) {
-                    const T* row = xb + s * a.ss;
-                    int64_t i = 0;
-                    for (; i + W <= nc; i += W) acc_pd(dacc + i, vload<DT>(row + i));
-                    for (; i < nc; ++i) dacc[i] += static_cast<double>(In<DT>::get(row + i));
+                int64_t i = 0;
+                for (; i + 2 * W <= nc; i += 2 * W) {
+                    alignas(64) double acc[2 * W];
+                    for (int l = 0; l < 2 * W; ++l) acc[l] = 0.0;
+                    const T* col = xb + i;
+                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
+                        acc_pd(acc, vload<DT>(col));
+                        acc_pd(acc + W, vload<DT>(col + W));
+                    }
+                    for (int l = 0; l < 2 * W; ++l) facc[i + l] = finish_sum(acc[l], a.S);
                 }
-                for (int64_t i = 0; i < nc; ++i) facc[i] = finish_sum(dacc[i], a.S);
+                for (; i < nc; ++i) {
+                    double r = 0.0;
+                    const T* col = xb + i;
+                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) r += static_cast<double>(In<DT>::get(col));
+                    facc[i] = finish_sum(r, a.S);
+                }
             }
             int64_t i = 0;
             for (; i + W <= nc; i += W) {
@@ -260,12 +276,10 @@ static void run_range(const PoolArgs& a, int64_t c0, int64_t c1, bool minor) {
     const int64_t nc = c1 - c0;
     if (nc <= 0) return;
     float* thr = static_cast<float*>(std::malloc(sizeof(float) * nc * 2));
-    double* dacc = static_cast<double*>(std::malloc(sizeof(double) * nc));
     float* facc = thr + nc;
     for (int64_t c = c0; c < c1; ++c) thr[c - c0] = a.vals[c * a.k + a.k - 1];
-    Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc, dacc};
+    Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc};
     if (minor) kern.run_minor(); else kern.run_major();
-    std::free(dacc);
     std::free(thr);
 }
 
