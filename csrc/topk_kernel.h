@@ -230,7 +230,17 @@ struct Kernel {
             if (S >= W && W > 1) {
                 VF acc = vload<DT>(p);
                 if (POOL == POOL_ABSMAX) acc = vabs(acc);
-                for (s = W; s + W <= S; s += W) {
+                s = W;
+                if (S >= 5 * W) {  // four independent chains hide the max/blend latency
+                    VF b0 = acc, b1 = acc, b2 = acc, b3 = acc;
+                    for (; s + 4 * W <= S; s += 4 * W) {
+                        VF v0 = vload<DT>(p + s), v1 = vload<DT>(p + s + W), v2 = vload<DT>(p + s + 2 * W), v3 = vload<DT>(p + s + 3 * W);
+                        if (POOL == POOL_ABSMAX) { v0 = vabs(v0); v1 = vabs(v1); v2 = vabs(v2); v3 = vabs(v3); }
+                        b0 = vmax_nan(b0, v0); b1 = vmax_nan(b1, v1); b2 = vmax_nan(b2, v2); b3 = vmax_nan(b3, v3);
+                    }
+                    acc = vmax_nan(vmax_nan(b0, b1), vmax_nan(b2, b3));
+                }
+                for (; s + W <= S; s += W) {
                     VF v = vload<DT>(p + s);
                     if (POOL == POOL_ABSMAX) v = vabs(v);
                     acc = vmax_nan(acc, v);

@@ -258,3 +258,29 @@ def test_forced_backend_env(monkeypatch):
 def test_public_namespace():
     assert ops.cpu_isa() in ("avx512", "avx2", "scalar", "none")
     assert ops.POOLS == ("max", "mean", "absmax", "sum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+def test_large_maps_with_specials_equal_reference(backend, layout, dtype):
+    """Shapes long enough for the unrolled SIMD loops and the thread split, with NaN/inf
+    sprinkled in and many ties (values on a coarse grid)."""
+    g = torch.Generator().manual_seed(7)
+    B, C, H, W = 24, 67, 7, 23
+    x32 = (torch.randint(-40, 40, (B, C, H * W), generator=g) / 8.0).float()
+    for val in (float("nan"), float("inf"), float("-inf")):
+        idx = torch.randint(0, x32.numel(), (30,), generator=g)
+        x32.view(-1)[idx] = val
+    ids = torch.randperm(10_000, generator=g)[:B]
+    for pool in ("max", "absmax", "mean", "sum"):
+        got = pool_topk_update(TopKState.empty(C, 6), make_input(x32, layout, dtype, H, W), ids, pool)
+        import os
+
+        old = os.environ["SEMLENS_BACKEND"]
+        os.environ["SEMLENS_BACKEND"] = "reference"
+        try:
+            want = pool_topk_update(TopKState.empty(C, 6), make_input(x32, layout, dtype, H, W), ids, pool)
+        finally:
+            os.environ["SEMLENS_BACKEND"] = old
+        assert got.equal(want), (pool, layout, dtype)
+        assert int(got.nan_counts.sum()) > 0
