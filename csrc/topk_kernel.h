@@ -87,6 +87,7 @@ struct Kernel {
     int64_t c0, c1;
     float* thr;     // [c1-c0] current k-th value of each owned channel
     float* facc;    // [c1-c0] pooled values of one sample (channel-minor, S > 1)
+    const float* pooled;  // [B, C] pooled by pool_rows (channel-minor, S > 1), else nullptr
 
     inline float elem(int64_t b, int64_t c, int64_t s) const {
         float v = In<DT>::get(x + b * a.sb + c * a.sc + s * a.ss);
@@ -153,59 +154,8 @@ struct Kernel {
                 }
                 continue;
             }
-            // Pool column tiles of 4 vectors over all S rows with the accumulators in
-            // registers (the rows of one sample stay in cache between tiles).
-            if (kMaxLike) {
-                const float ninf = -std::numeric_limits<float>::infinity();
-                int64_t i = 0;
-                for (; i + 4 * W <= nc; i += 4 * W) {
-                    VF a0 = vset1(ninf), a1 = a0, a2 = a0, a3 = a0;
-                    const T* col = xb + i;
-                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
-                        VF v0 = vload<DT>(col), v1 = vload<DT>(col + W), v2 = vload<DT>(col + 2 * W), v3 = vload<DT>(col + 3 * W);
-                        if (POOL == POOL_ABSMAX) { v0 = vabs(v0); v1 = vabs(v1); v2 = vabs(v2); v3 = vabs(v3); }
-                        a0 = vmax_nan(a0, v0); a1 = vmax_nan(a1, v1); a2 = vmax_nan(a2, v2); a3 = vmax_nan(a3, v3);
-                    }
-                    vstore(facc + i, a0); vstore(facc + i + W, a1); vstore(facc + i + 2 * W, a2); vstore(facc + i + 3 * W, a3);
-                }
-                for (; i + W <= nc; i += W) {
-                    VF a0 = vset1(ninf);
-                    const T* col = xb + i;
-                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
-                        VF v0 = vload<DT>(col);
-                        if (POOL == POOL_ABSMAX) v0 = vabs(v0);
-                        a0 = vmax_nan(a0, v0);
-                    }
-                    vstore(facc + i, a0);
-                }
-                for (; i < nc; ++i) {
-                    float r = ninf;
-                    const T* col = xb + i;
-                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
-                        float v = In<DT>::get(col);
-                        r = smax_nan(r, POOL == POOL_ABSMAX ? std::fabs(v) : v);
-                    }
-                    facc[i] = r;
-                }
-            } else {
-                int64_t i = 0;
-                for (; i + 2 * W <= nc; i += 2 * W) {
-                    alignas(64) double acc[2 * W];
-                    for (int l = 0; l < 2 * W; ++l) acc[l] = 0.0;
-                    const T* col = xb + i;
-                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) {
-                        acc_pd(acc, vload<DT>(col));
-                        acc_pd(acc + W, vload<DT>(col + W));
-                    }
-                    for (int l = 0; l < 2 * W; ++l) facc[i + l] = finish_sum(acc[l], a.S);
-                }
-                for (; i < nc; ++i) {
-                    double r = 0.0;
-                    const T* col = xb + i;
-                    for (int64_t s = 0; s < a.S; ++s, col += a.ss) r += static_cast<double>(In<DT>::get(col));
-                    facc[i] = finish_sum(r, a.S);
-                }
-            }
+            const float* prow = pooled + b * a.C + c0;
+            for (int64_t i = 0; i < nc; ++i) facc[i] = prow[i];
             int64_t i = 0;
             for (; i + W <= nc; i += W) {
                 uint32_t m = cand_mask(vload<F32>(facc + i), vload<F32>(thr + i));
@@ -281,35 +231,99 @@ struct Kernel {
     }
 };
 
+// Pool sample b of a channel-minor map (channels contiguous, rows strided by ss) into
+// out[0..C): streams the whole sample row by row, accumulators in a small buffer.
 template <int DT, int POOL>
-static void run_range(const PoolArgs& a, int64_t c0, int64_t c1, bool minor) {
+static void pool_row(const PoolArgs& a, int64_t b, float* out, double* dacc) {
+    using T = typename In<DT>::T;
+    constexpr bool kMaxLike = (POOL == POOL_MAX || POOL == POOL_ABSMAX);
+    const T* xb = static_cast<const T*>(a.x) + b * a.sb;
+    const int64_t C = a.C;
+    if (kMaxLike) {
+        for (int64_t s = 0; s < a.S; ++s) {
+            const T* row = xb + s * a.ss;
+            int64_t i = 0;
+            if (s == 0) {
+                for (; i + W <= C; i += W) {
+                    VF v = vload<DT>(row + i);
+                    if (POOL == POOL_ABSMAX) v = vabs(v);
+                    vstore(out + i, v);
+                }
+                for (; i < C; ++i) {
+                    float v = In<DT>::get(row + i);
+                    out[i] = POOL == POOL_ABSMAX ? std::fabs(v) : v;
+                }
+            } else {
+                for (; i + 2 * W <= C; i += 2 * W) {
+                    VF v0 = vload<DT>(row + i), v1 = vload<DT>(row + i + W);
+                    if (POOL == POOL_ABSMAX) { v0 = vabs(v0); v1 = vabs(v1); }
+                    vstore(out + i, vmax_nan(vload<F32>(out + i), v0));
+                    vstore(out + i + W, vmax_nan(vload<F32>(out + i + W), v1));
+                }
+                for (; i + W <= C; i += W) {
+                    VF v = vload<DT>(row + i);
+                    if (POOL == POOL_ABSMAX) v = vabs(v);
+                    vstore(out + i, vmax_nan(vload<F32>(out + i), v));
+                }
+                for (; i < C; ++i) {
+                    float v = In<DT>::get(row + i);
+                    out[i] = smax_nan(out[i], POOL == POOL_ABSMAX ? std::fabs(v) : v);
+                }
+            }
+        }
+    } else {
+        for (int64_t i = 0; i < C; ++i) dacc[i] = 0.0;
+        for (int64_t s = 0; s < a.S; ++s) {
+            const T* row = xb + s * a.ss;
+            int64_t i = 0;
+            for (; i + W <= C; i += W) acc_pd(dacc + i, vload<DT>(row + i));
+            for (; i < C; ++i) dacc[i] += static_cast<double>(In<DT>::get(row + i));
+        }
+        for (int64_t i = 0; i < C; ++i) {
+            double r = POOL == POOL_MEAN ? dacc[i] / static_cast<double>(a.S) : dacc[i];
+            out[i] = static_cast<float>(r) + 0.0f;
+        }
+    }
+}
+
+template <int DT, int POOL>
+static void pool_rows(const PoolArgs& a, float* pooled, int64_t b0, int64_t b1) {
+    double* dacc = (POOL == POOL_SUM || POOL == POOL_MEAN) ? static_cast<double*>(std::malloc(sizeof(double) * a.C)) : nullptr;
+    for (int64_t b = b0; b < b1; ++b) pool_row<DT, POOL>(a, b, pooled + b * a.C, dacc);
+    std::free(dacc);
+}
+
+template <int DT, int POOL>
+static void run_range(const PoolArgs& a, int64_t c0, int64_t c1, bool minor, const float* pooled) {
     const int64_t nc = c1 - c0;
     if (nc <= 0) return;
     float* thr = static_cast<float*>(std::malloc(sizeof(float) * nc * 2));
     float* facc = thr + nc;
     for (int64_t c = c0; c < c1; ++c) thr[c - c0] = a.vals[c * a.k + a.k - 1];
-    Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc};
+    Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc, pooled};
     if (minor) kern.run_minor(); else kern.run_major();
     std::free(thr);
 }
 
-template <int DT>
-static void run_dt(const PoolArgs& a, int64_t c0, int64_t c1, bool minor) {
-    switch (a.pool) {
-        case POOL_MAX: run_range<DT, POOL_MAX>(a, c0, c1, minor); break;
-        case POOL_MEAN: run_range<DT, POOL_MEAN>(a, c0, c1, minor); break;
-        case POOL_ABSMAX: run_range<DT, POOL_ABSMAX>(a, c0, c1, minor); break;
-        default: run_range<DT, POOL_SUM>(a, c0, c1, minor); break;
-    }
-}
-
-void pool_topk(const PoolArgs& a) {
-    // channel-minor when channels are contiguous (and S > 1 rows are strided), else the
-    // S elements of a channel must be contiguous (checked by the caller)
+template <int DT, int POOL>
+static void run_pool(const PoolArgs& a, int nt) {
     const bool minor = a.sc == 1 && (a.S == 1 || a.ss != 1);
-    const int64_t work = a.B * a.C * a.S;
-    int nt = a.nthreads;
-    if (work < (1 << 15)) nt = 1;
+    float* pooled = nullptr;
+    if (minor && a.S > 1) {
+        // phase 1, parallel over samples: every thread streams whole samples into [B, C]
+        pooled = static_cast<float*>(std::malloc(sizeof(float) * a.B * a.C));
+        if (nt > 1 && a.B > 1) {
+#pragma omp parallel num_threads(nt)
+            {
+                int t = omp_get_thread_num(), n = omp_get_num_threads();
+                int64_t per = (a.B + n - 1) / n, b0 = t * per, b1 = b0 + per < a.B ? b0 + per : a.B;
+                if (b0 < b1) pool_rows<DT, POOL>(a, pooled, b0, b1);
+            }
+        } else {
+            pool_rows<DT, POOL>(a, pooled, 0, a.B);
+        }
+    }
+    // phase 2 (or the whole work), parallel over channels: each thread owns its channels' lists
     const int64_t align = 16;
     int64_t per = (a.C + nt - 1) / nt;
     per = ((per + align - 1) / align) * align;
@@ -318,20 +332,31 @@ void pool_topk(const PoolArgs& a) {
         {
             int t = omp_get_thread_num();
             int64_t c0 = t * per, c1 = c0 + per < a.C ? c0 + per : a.C;
-            if (c0 < a.C) {
-                switch (a.dtype) {
-                    case F32: run_dt<F32>(a, c0, c1, minor); break;
-                    case F16: run_dt<F16>(a, c0, c1, minor); break;
-                    default: run_dt<BF16>(a, c0, c1, minor); break;
-                }
-            }
+            if (c0 < a.C) run_range<DT, POOL>(a, c0, c1, minor, pooled);
         }
     } else {
-        switch (a.dtype) {
-            case F32: run_dt<F32>(a, 0, a.C, minor); break;
-            case F16: run_dt<F16>(a, 0, a.C, minor); break;
-            default: run_dt<BF16>(a, 0, a.C, minor); break;
-        }
+        run_range<DT, POOL>(a, 0, a.C, minor, pooled);
+    }
+    std::free(pooled);
+}
+
+template <int DT>
+static void run_dt(const PoolArgs& a, int nt) {
+    switch (a.pool) {
+        case POOL_MAX: run_pool<DT, POOL_MAX>(a, nt); break;
+        case POOL_MEAN: run_pool<DT, POOL_MEAN>(a, nt); break;
+        case POOL_ABSMAX: run_pool<DT, POOL_ABSMAX>(a, nt); break;
+        default: run_pool<DT, POOL_SUM>(a, nt); break;
+    }
+}
+
+void pool_topk(const PoolArgs& a) {
+    int nt = a.nthreads;
+    if (a.B * a.C * a.S < (1 << 15)) nt = 1;
+    switch (a.dtype) {
+        case F32: run_dt<F32>(a, nt); break;
+        case F16: run_dt<F16>(a, nt); break;
+        default: run_dt<BF16>(a, nt); break;
     }
 }
 
