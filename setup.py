@@ -30,6 +30,7 @@ if os.environ.get("SEMLENS_NO_EXT", "") != "1":
             "semlens_fast._C",
             sources,
             include_dirs=["csrc"],
+            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),  # header edits trigger a rebuild
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             cxx_std=17,

@@ -87,7 +87,7 @@ struct Kernel {
     int64_t c0, c1;
     float* thr;     // [c1-c0] current k-th value of each owned channel
     float* facc;    // [c1-c0] pooled values of one sample (channel-minor, S > 1)
-    const float* pooled;  // [B, C] pooled by pool_rows (channel-minor, S > 1), else nullptr
+    const float* pooled;  // [B, C] pooled by pool_rows (channel-minor, unless plain top-k), else nullptr
 
     inline float elem(int64_t b, int64_t c, int64_t s) const {
         float v = In<DT>::get(x + b * a.sb + c * a.sc + s * a.ss);
@@ -309,7 +309,7 @@ template <int DT, int POOL>
 static void run_pool(const PoolArgs& a, int nt) {
     const bool minor = a.sc == 1 && (a.S == 1 || a.ss != 1);
     float* pooled = nullptr;
-    if (minor && a.S > 1) {
+    if (minor && !(a.S == 1 && POOL == POOL_MAX)) {  // run_minor reads plain top-k straight from x
         // phase 1, parallel over samples: every thread streams whole samples into [B, C]
         pooled = static_cast<float*>(std::malloc(sizeof(float) * a.B * a.C));
         if (nt > 1 && a.B > 1) {
