@@ -24,11 +24,19 @@ static inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
 static inline VF vabs(VF x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff))); }
 // max that propagates NaN from either side
 static inline VF vmax_nan(VF acc, VF x) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_max_ps(x, acc), x);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_max_ps(x, acc), x);  // NaN x enters, NaN acc sticks
 }
 // lanes that may enter the top-k (p >= threshold) or are NaN (to be counted)
 static inline uint32_t cand_mask(VF p, VF t) {
     return static_cast<uint32_t>(_mm512_cmp_ps_mask(p, t, _CMP_GE_OQ) | _mm512_cmp_ps_mask(p, p, _CMP_UNORD_Q));
+}
+using VI = __m512i;
+static inline VI iload(const int32_t* p) { return _mm512_loadu_si512(p); }
+static inline void istore(int32_t* p, VI v) { _mm512_storeu_si512(p, v); }
+static inline VI iset1(int32_t v) { return _mm512_set1_epi32(v); }
+// lanes of pos set to s where x > acc (ordered: never for NaN)
+static inline VI pos_update(VI pos, VF x, VF acc, VI s) {
+    return _mm512_mask_mov_epi32(pos, _mm512_cmp_ps_mask(x, acc, _CMP_GT_OQ), s);
 }
 static inline void acc_pd(double* a, VF x) {
     __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
@@ -48,12 +56,21 @@ template <int DT> static inline VF vload(const typename In<DT>::T* p) {
 static inline VF vset1(float v) { return _mm256_set1_ps(v); }
 static inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
 static inline VF vabs(VF x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+// max_ps(x, acc) returns acc when either is NaN (a NaN acc sticks); OR-ing the all-ones
+// lanes of a NaN x (all-ones is a NaN pattern) brings a new NaN in.
 static inline VF vmax_nan(VF acc, VF x) {
-    return _mm256_blendv_ps(_mm256_max_ps(x, acc), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_or_ps(_mm256_max_ps(x, acc), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 static inline uint32_t cand_mask(VF p, VF t) {
     return static_cast<uint32_t>(_mm256_movemask_ps(
         _mm256_or_ps(_mm256_cmp_ps(p, t, _CMP_GE_OQ), _mm256_cmp_ps(p, p, _CMP_UNORD_Q))));
+}
+using VI = __m256i;
+static inline VI iload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline void istore(int32_t* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+static inline VI iset1(int32_t v) { return _mm256_set1_epi32(v); }
+static inline VI pos_update(VI pos, VF x, VF acc, VI s) {
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(pos), _mm256_castsi256_ps(s), _mm256_cmp_ps(x, acc, _CMP_GT_OQ)));
 }
 static inline void acc_pd(double* a, VF x) {
     __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
@@ -70,6 +87,11 @@ static inline void vstore(float* p, VF v) { *p = v; }
 static inline VF vabs(VF x) { return std::fabs(x); }
 static inline VF vmax_nan(VF acc, VF x) { return (x != x || acc != acc) ? (x != x ? x : acc) : (x > acc ? x : acc); }
 static inline uint32_t cand_mask(VF p, VF t) { return (p >= t || p != p) ? 1u : 0u; }
+using VI = int32_t;
+static inline VI iload(const int32_t* p) { return *p; }
+static inline void istore(int32_t* p, VI v) { *p = v; }
+static inline VI iset1(int32_t v) { return v; }
+static inline VI pos_update(VI pos, VF x, VF acc, VI s) { return x > acc ? s : pos; }
 static inline void acc_pd(double* a, VF x) { *a += static_cast<double>(x); }
 #endif
 
@@ -88,6 +110,7 @@ struct Kernel {
     float* thr;     // [c1-c0] current k-th value of each owned channel
     float* facc;    // [c1-c0] pooled values of one sample (channel-minor, S > 1)
     const float* pooled;  // [B, C] pooled by pool_rows (channel-minor, unless plain top-k), else nullptr
+    const int32_t* ppos;  // [B, C] first position of each max (max/absmax with pooled), else nullptr
 
     inline float elem(int64_t b, int64_t c, int64_t s) const {
         float v = In<DT>::get(x + b * a.sb + c * a.sc + s * a.ss);
@@ -102,7 +125,9 @@ struct Kernel {
         const int64_t sid = a.sample_ids[b];
         if (!better(v, sid, vals[a.k - 1], ids[a.k - 1])) return;
         int32_t p = -1;
-        if (kMaxLike) {  // first position of the maximum; the stored value is that element
+        if (kMaxLike && ppos != nullptr) {  // found by the pooling pass; v is that element
+            if (a.track_pos) p = ppos[b * a.C + c];
+        } else if (kMaxLike) {  // first position of the maximum; the stored value is that element
             int64_t s = 0;
             for (; s < a.S; ++s) if (elem(b, c, s) == v) break;
             if (s == a.S) s = 0;  // unreachable: v is one of the elements
@@ -234,7 +259,7 @@ struct Kernel {
 // Pool sample b of a channel-minor map (channels contiguous, rows strided by ss) into
 // out[0..C): streams the whole sample row by row, accumulators in a small buffer.
 template <int DT, int POOL>
-static void pool_row(const PoolArgs& a, int64_t b, float* out, double* dacc) {
+static void pool_row(const PoolArgs& a, int64_t b, float* out, int32_t* opos, double* dacc) {
     using T = typename In<DT>::T;
     constexpr bool kMaxLike = (POOL == POOL_MAX || POOL == POOL_ABSMAX);
     const T* xb = static_cast<const T*>(a.x) + b * a.sb;
@@ -248,26 +273,29 @@ static void pool_row(const PoolArgs& a, int64_t b, float* out, double* dacc) {
                     VF v = vload<DT>(row + i);
                     if (POOL == POOL_ABSMAX) v = vabs(v);
                     vstore(out + i, v);
+                    istore(opos + i, iset1(0));
                 }
                 for (; i < C; ++i) {
                     float v = In<DT>::get(row + i);
                     out[i] = POOL == POOL_ABSMAX ? std::fabs(v) : v;
+                    opos[i] = 0;
                 }
             } else {
-                for (; i + 2 * W <= C; i += 2 * W) {
-                    VF v0 = vload<DT>(row + i), v1 = vload<DT>(row + i + W);
-                    if (POOL == POOL_ABSMAX) { v0 = vabs(v0); v1 = vabs(v1); }
-                    vstore(out + i, vmax_nan(vload<F32>(out + i), v0));
-                    vstore(out + i + W, vmax_nan(vload<F32>(out + i + W), v1));
-                }
+                // max_ps keeps the earlier value on ties (signed zeros included) and the
+                // position moves only on a strictly larger value: the first maximum wins.
+                const VI sv = iset1(static_cast<int32_t>(s));
                 for (; i + W <= C; i += W) {
                     VF v = vload<DT>(row + i);
                     if (POOL == POOL_ABSMAX) v = vabs(v);
-                    vstore(out + i, vmax_nan(vload<F32>(out + i), v));
+                    VF acc = vload<F32>(out + i);
+                    istore(opos + i, pos_update(iload(opos + i), v, acc, sv));
+                    vstore(out + i, vmax_nan(acc, v));
                 }
                 for (; i < C; ++i) {
                     float v = In<DT>::get(row + i);
-                    out[i] = smax_nan(out[i], POOL == POOL_ABSMAX ? std::fabs(v) : v);
+                    if (POOL == POOL_ABSMAX) v = std::fabs(v);
+                    if (v > out[i]) opos[i] = static_cast<int32_t>(s);
+                    out[i] = smax_nan(out[i], v);
                 }
             }
         }
@@ -287,20 +315,21 @@ static void pool_row(const PoolArgs& a, int64_t b, float* out, double* dacc) {
 }
 
 template <int DT, int POOL>
-static void pool_rows(const PoolArgs& a, float* pooled, int64_t b0, int64_t b1) {
+static void pool_rows(const PoolArgs& a, float* pooled, int32_t* ppos, int64_t b0, int64_t b1) {
     double* dacc = (POOL == POOL_SUM || POOL == POOL_MEAN) ? static_cast<double*>(std::malloc(sizeof(double) * a.C)) : nullptr;
-    for (int64_t b = b0; b < b1; ++b) pool_row<DT, POOL>(a, b, pooled + b * a.C, dacc);
+    for (int64_t b = b0; b < b1; ++b)
+        pool_row<DT, POOL>(a, b, pooled + b * a.C, ppos ? ppos + b * a.C : nullptr, dacc);
     std::free(dacc);
 }
 
 template <int DT, int POOL>
-static void run_range(const PoolArgs& a, int64_t c0, int64_t c1, bool minor, const float* pooled) {
+static void run_range(const PoolArgs& a, int64_t c0, int64_t c1, bool minor, const float* pooled, const int32_t* ppos) {
     const int64_t nc = c1 - c0;
     if (nc <= 0) return;
     float* thr = static_cast<float*>(std::malloc(sizeof(float) * nc * 2));
     float* facc = thr + nc;
     for (int64_t c = c0; c < c1; ++c) thr[c - c0] = a.vals[c * a.k + a.k - 1];
-    Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc, pooled};
+    Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc, pooled, ppos};
     if (minor) kern.run_minor(); else kern.run_major();
     std::free(thr);
 }
@@ -309,18 +338,20 @@ template <int DT, int POOL>
 static void run_pool(const PoolArgs& a, int nt) {
     const bool minor = a.sc == 1 && (a.S == 1 || a.ss != 1);
     float* pooled = nullptr;
+    int32_t* ppos = nullptr;
     if (minor && !(a.S == 1 && POOL == POOL_MAX)) {  // run_minor reads plain top-k straight from x
         // phase 1, parallel over samples: every thread streams whole samples into [B, C]
         pooled = static_cast<float*>(std::malloc(sizeof(float) * a.B * a.C));
+        if (POOL == POOL_MAX || POOL == POOL_ABSMAX) ppos = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * a.B * a.C));
         if (nt > 1 && a.B > 1) {
 #pragma omp parallel num_threads(nt)
             {
                 int t = omp_get_thread_num(), n = omp_get_num_threads();
                 int64_t per = (a.B + n - 1) / n, b0 = t * per, b1 = b0 + per < a.B ? b0 + per : a.B;
-                if (b0 < b1) pool_rows<DT, POOL>(a, pooled, b0, b1);
+                if (b0 < b1) pool_rows<DT, POOL>(a, pooled, ppos, b0, b1);
             }
         } else {
-            pool_rows<DT, POOL>(a, pooled, 0, a.B);
+            pool_rows<DT, POOL>(a, pooled, ppos, 0, a.B);
         }
     }
     // phase 2 (or the whole work), parallel over channels: each thread owns its channels' lists
@@ -332,11 +363,12 @@ static void run_pool(const PoolArgs& a, int nt) {
         {
             int t = omp_get_thread_num();
             int64_t c0 = t * per, c1 = c0 + per < a.C ? c0 + per : a.C;
-            if (c0 < a.C) run_range<DT, POOL>(a, c0, c1, minor, pooled);
+            if (c0 < a.C) run_range<DT, POOL>(a, c0, c1, minor, pooled, ppos);
         }
     } else {
-        run_range<DT, POOL>(a, 0, a.C, minor, pooled);
+        run_range<DT, POOL>(a, 0, a.C, minor, pooled, ppos);
     }
+    std::free(ppos);
     std::free(pooled);
 }
 
