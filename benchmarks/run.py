@@ -96,8 +96,10 @@ def main(argv: list[str]) -> int:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--benchmark-json={js}",
                "--benchmark-only", "-o", "python_files=bench_*.py", "--rootdir", str(HERE), *[str(HERE / s) for s in suites]]
         print("running:", " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=str(HERE))
-        if not js.exists():
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        rc = subprocess.call(cmd, cwd=str(HERE), env=env)
+        if not js.exists() or not js.read_text().strip():
             print("no benchmark results were written", file=sys.stderr)
             return rc or 1
         data = json.loads(js.read_text())
