@@ -20,6 +20,10 @@ fi
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
 # the package (builds semlens_fast._C in place) with its test and benchmark extras
 python -m pip install -q -e ".[test,bench]"
+# dl-backtrace, the relevance peer: it pins torch 2.6 and TensorFlow, so it goes in without its
+# dependencies, plus the few modules it imports (its agreement tests run in a subprocess).
+python -m pip install -q --no-deps dl-backtrace==0.1.24
+python -m pip install -q lz4 seaborn zstandard graphviz threadpoolctl matplotlib ipython
 python - <<'PY'
 import semlens_fast, semlens_fast.ops as ops
 print(f"semlens_fast {semlens_fast.__version__} ready; CPU kernels: {ops.cpu_isa()}")

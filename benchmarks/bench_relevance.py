@@ -1,0 +1,178 @@
+"""Relevance benchmarks (CPU), side by side with dl-backtrace and zennit.
+
+Model: a Fashion-MNIST-sized 3-conv Sequential CNN (1x28x28 input, 10 classes), batch 64,
+random weights and inputs (timings do not depend on the data).
+
+* DLBacktrace default mode: ours (batched, torch) vs the ``dl-backtrace`` package 0.1.24
+  (run in a subprocess: its constructor pins torch to one thread and changes global
+  settings). dl-backtrace's time per image is measured on a batch of 4 (it is per-sample
+  NumPy; its time per image does not depend on the batch size). Target: >= 100x faster.
+* LRP: ours vs zennit 0.4.6 with the same rules on the same batch: LRP-epsilon everywhere,
+  and EpsilonPlusFlat. Target: ours <= 1.5x zennit's time.
+
+Run (a few seconds plus ~15 s for dl-backtrace's import and export)::
+
+    python -m pytest benchmarks/bench_relevance.py -q -s --benchmark-columns=min,mean,rounds
+
+The ``test_*_target`` tests print per-image times; timings are the minimum over
+interleaved repeats (robust to other load on the machine), single-threaded by default
+(``SEMLENS_BENCH_THREADS=n`` to change; dl-backtrace always pins itself to one thread). A missed target is reported
+as XFAIL with the measured numbers, or fails with ``SEMLENS_BENCH_STRICT=1``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from semlens_fast.relevance import RelevanceEngine, dlbacktrace, epsilon_plus_flat, lrp_epsilon
+
+BATCH = 64
+#: torch threads for our and zennit's timings (dl-backtrace pins itself to one thread).
+#: Default 1: on a shared CI runner multi-threaded timings mostly measure the neighbours.
+THREADS = int(os.environ.get("SEMLENS_BENCH_THREADS", "1"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
+
+
+def fmnist_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Sequential:
+    return fmnist_cnn()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(BATCH, 1, 28, 28)
+
+
+def _min_time(fns: dict[str, Callable[[], object]], repeat: int = 5) -> dict[str, float]:
+    """Interleaved timing: min over ``repeat`` rounds of each function (after one warm-up)."""
+    for f in fns.values():
+        f()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def _check_target(ok: bool, message: str) -> None:
+    if ok:
+        return
+    if os.environ.get("SEMLENS_BENCH_STRICT") == "1":
+        pytest.fail(f"target missed: {message}")
+    pytest.xfail(f"target missed on this machine: {message}")
+
+
+def _zennit_attr(model: nn.Module, composite):  # type: ignore[no-untyped-def]
+    from zennit.attribution import Gradient
+
+    attributor = Gradient(model=model, composite=composite)
+    attributor.__enter__()
+    return attributor
+
+
+def _zennit_epsilon():  # type: ignore[no-untyped-def]
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import Epsilon, Norm, Pass
+    from zennit.types import Activation, AvgPool, Convolution
+
+    return LayerMapComposite([(Activation, Pass()), (AvgPool, Norm()), (Convolution, Epsilon()),
+                              (nn.Linear, Epsilon())])
+
+
+# ------------------------------------------------------------------ pytest-benchmark groups
+@pytest.mark.benchmark(group="dlbacktrace-default")
+def test_semlens_dlbacktrace_default(benchmark, model, x):
+    eng = RelevanceEngine(model, dlbacktrace())
+    benchmark.pedantic(eng, args=(x,), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["per_image_s"] = benchmark.stats.stats.min / BATCH
+
+
+@pytest.mark.benchmark(group="lrp-epsilon")
+def test_semlens_lrp_epsilon(benchmark, model, x):
+    eng = RelevanceEngine(model, lrp_epsilon())
+    benchmark.pedantic(eng, args=(x,), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["per_image_s"] = benchmark.stats.stats.min / BATCH
+
+
+@pytest.mark.benchmark(group="lrp-epsilon")
+def test_zennit_lrp_epsilon(benchmark, model, x):
+    pytest.importorskip("zennit")
+    attr = _zennit_attr(model, _zennit_epsilon())
+    onehot = torch.eye(10)[model(x).argmax(1)]
+    try:
+        benchmark.pedantic(attr, args=(x, onehot), rounds=5, iterations=1, warmup_rounds=1)
+    finally:
+        attr.__exit__(None, None, None)
+    benchmark.extra_info["per_image_s"] = benchmark.stats.stats.min / BATCH
+
+
+# ------------------------------------------------------------------ side-by-side targets
+def test_dlbacktrace_speedup_target(model, x):
+    if importlib.util.find_spec("dl_backtrace") is None:
+        pytest.skip("dl-backtrace is not installed")
+    from semlens_fast.relevance._dlb_runner import DLBacktraceUnavailable, run_dlbacktrace
+
+    n = 4
+    try:
+        out = run_dlbacktrace(model, x[:n], repeat=3)
+    except DLBacktraceUnavailable as e:
+        pytest.skip(f"dl-backtrace cannot be imported: {e}")
+    theirs = min(out["seconds"]) / n
+    eng = RelevanceEngine(model, dlbacktrace())
+    ours = _min_time({"ours": lambda: eng(x)})["ours"] / BATCH
+    msg = (f"dl-backtrace 0.1.24: {theirs * 1e3:.2f} ms/image (batch {n}, 1 thread: its own setting); "
+           f"semlens_fast: {ours * 1e3:.3f} ms/image (batch {BATCH}, {THREADS} thread(s)); "
+           f"speed-up {theirs / ours:.0f}x")
+    print(f"\n[dlbacktrace default] {msg}")
+    _check_target(theirs / ours >= 100, f"{msg}; target >= 100x")
+
+
+def test_lrp_vs_zennit_target(model, x):
+    pytest.importorskip("zennit")
+    from zennit.composites import EpsilonPlusFlat
+
+    onehot = torch.eye(10)[model(x).argmax(1)]
+    eng_eps = RelevanceEngine(model, lrp_epsilon())
+    eng_epf = RelevanceEngine(model, epsilon_plus_flat())
+    z_eps = _zennit_attr(model, _zennit_epsilon())
+    try:
+        t_eps = _min_time({"ours": lambda: eng_eps(x), "zennit": lambda: z_eps(x, onehot)}, repeat=7)
+    finally:
+        z_eps.__exit__(None, None, None)
+    z_epf = _zennit_attr(model, EpsilonPlusFlat())
+    try:
+        t_epf = _min_time({"ours": lambda: eng_epf(x), "zennit": lambda: z_epf(x, onehot)}, repeat=7)
+    finally:
+        z_epf.__exit__(None, None, None)
+    for name, t in (("epsilon", t_eps), ("EpsilonPlusFlat", t_epf)):
+        print(f"\n[lrp {name}] semlens_fast: {t['ours'] / BATCH * 1e3:.3f} ms/image, zennit: "
+              f"{t['zennit'] / BATCH * 1e3:.3f} ms/image, ratio {t['ours'] / t['zennit']:.2f}x (batch {BATCH}, "
+              f"{THREADS} thread(s))")
+    _check_target(t_eps["ours"] <= 1.5 * t_eps["zennit"],
+                  f"LRP-epsilon {t_eps['ours'] / t_eps['zennit']:.2f}x zennit's time; target <= 1.5x")

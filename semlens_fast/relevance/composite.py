@@ -1,0 +1,242 @@
+"""Rule sets ("composites"): which rule each module type or op gets.
+
+A :class:`Composite` maps module types, functions (``torch.flatten``, ``operator.add``,
+``F.relu``) and tensor-method names (``"view"``, ``"relu"``) to :class:`~.rules.Rule`
+instances, zennit-style. Presets:
+
+* :func:`dlbacktrace` — DLBacktrace default mode.
+* :func:`dlbacktrace_contrast` — DLBacktrace contrast mode (positive and negative streams).
+* :func:`dlbacktrace_compat` — reproduces dl-backtrace 0.1.24's CPU engine, defects
+  included (uniform pooling, equal residual split, ``0 -> 1`` fill in linear layers); for
+  agreement checks only.
+* :func:`lrp_epsilon`, :func:`lrp_zplus`, :func:`lrp_alpha_beta`, :func:`epsilon_plus_flat`.
+
+An op without a rule is an error naming the op and the composite; ``passthrough=(...)``
+lets the user declare shape-preserving ops whose relevance passes unchanged.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rules as R
+
+__all__ = [
+    "Composite", "dlbacktrace", "dlbacktrace_contrast", "dlbacktrace_compat", "lrp_epsilon",
+    "lrp_zplus", "lrp_alpha_beta", "epsilon_plus_flat", "AFFINE_TYPES",
+]
+
+AFFINE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+ACTIVATION_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
+    nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Hardsigmoid, nn.PReLU, nn.SELU, nn.CELU,
+)
+IDENTITY_MODULES: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                      nn.AlphaDropout)
+ACTIVATION_FUNCS: tuple[Any, ...] = (
+    F.relu, torch.relu, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh, torch.sigmoid, F.tanh, F.sigmoid,
+    F.softplus, F.relu6, F.hardtanh, F.mish, F.hardswish, F.dropout, torch.nn.functional.selu,
+)
+ACTIVATION_METHODS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "contiguous", "clone", "detach", "float",
+                                       "to", "type_as")
+INDEX_FUNCS: tuple[Any, ...] = (
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.cat,
+    torch.concat, torch.stack, torch.split, torch.chunk, torch.narrow, torch.select, torch.movedim,
+    torch.swapaxes, operator.getitem, torch.t, torch.unbind, torch.roll, torch.flip, torch.gather,
+    torch.index_select, torch.take_along_dim,
+)
+INDEX_METHODS: tuple[str, ...] = (
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze", "expand",
+    "expand_as", "view_as", "reshape_as", "split", "chunk", "narrow", "select", "movedim", "t",
+    "repeat", "unbind", "flip", "roll", "gather", "index_select",
+)
+INDEX_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten)
+AVG_MODULES: tuple[type, ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+AVG_FUNCS: tuple[Any, ...] = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, torch.sum)
+AVG_METHODS: tuple[str, ...] = ("mean", "sum")
+MAX_MODULES: tuple[type, ...] = (nn.MaxPool1d, nn.MaxPool2d)
+MAX_FUNCS: tuple[Any, ...] = (F.max_pool1d, F.max_pool2d)
+ADD_FUNCS: tuple[Any, ...] = (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub)
+ADD_METHODS: tuple[str, ...] = ("add", "add_", "sub", "sub_")
+MUL_FUNCS: tuple[Any, ...] = (operator.mul, operator.imul, torch.mul, operator.truediv, torch.div)
+MUL_METHODS: tuple[str, ...] = ("mul", "mul_", "div")
+MATMUL_FUNCS: tuple[Any, ...] = (operator.matmul, torch.matmul, torch.bmm)
+MATMUL_METHODS: tuple[str, ...] = ("matmul", "bmm")
+SOFTMAX: tuple[Any, ...] = (F.softmax, torch.softmax, nn.Softmax, "softmax")
+NORM_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A named rule set.
+
+    Args:
+        name: shown in errors.
+        module_rules: ``(module type(s), rule)`` pairs, first match wins.
+        function_rules: ``{function or method name: rule}``.
+        first_rules: ``(module type(s), rule)`` pairs applied instead for the first affine
+            layer seen from the input (e.g. LRP-flat there).
+        streams: 1, or 2 for contrast mode (positive, negative).
+        canonize_batchnorm: fold each BatchNorm into the Linear/Conv right before it.
+        passthrough: module types / functions / method names the user declared as
+            shape-preserving pass-through (relevance passes unchanged).
+    """
+
+    name: str
+    module_rules: tuple[tuple[Any, R.Rule], ...]
+    function_rules: dict[Any, R.Rule]
+    first_rules: tuple[tuple[Any, R.Rule], ...] = ()
+    streams: int = 1
+    canonize_batchnorm: bool = False
+    passthrough: tuple[Any, ...] = ()
+    activation_saturation: bool = True
+    description: str = ""
+
+    def with_passthrough(self, *ops: Any) -> "Composite":
+        """A copy that passes relevance unchanged through ``ops`` (module types, functions or
+        method names), which must keep the shape of their first input."""
+        return replace(self, passthrough=tuple(self.passthrough) + tuple(ops))
+
+    def with_rules(self, module_rules: Sequence[tuple[Any, R.Rule]] = (),
+                   function_rules: dict[Any, R.Rule] | None = None) -> "Composite":
+        """A copy with extra rules taking precedence over the existing ones."""
+        fr = dict(self.function_rules)
+        fr.update(function_rules or {})
+        return replace(self, module_rules=tuple(module_rules) + self.module_rules, function_rules=fr)
+
+    def rule_for(self, kind: str, target: Any, module: nn.Module | None, is_first: bool = False) -> R.Rule | None:
+        """The rule for a node, or ``None`` when the composite has none."""
+        if kind == "call_module":
+            if is_first:
+                for types, rule in self.first_rules:
+                    if isinstance(module, types):
+                        return rule
+            for types, rule in self.module_rules:
+                if isinstance(module, types):
+                    return rule
+            if any(isinstance(p, type) and isinstance(module, p) for p in self.passthrough):
+                return R.PassThrough()
+            return None
+        key = target
+        try:
+            if key in self.function_rules:
+                return self.function_rules[key]
+        except TypeError:  # unhashable target
+            pass
+        if any(p is target or (isinstance(p, str) and p == target) for p in self.passthrough):
+            return R.PassThrough()
+        return None
+
+
+def _structural(add_rule: R.Rule, avg_rule: R.Rule, norm_rule: R.Rule | None,
+                softmax: bool, ties: str = "split") -> tuple[list[tuple[Any, R.Rule]], dict[Any, R.Rule]]:
+    passthrough, index = R.PassThrough(), R.IndexMap()
+    maxpool = R.MaxPoolWinnerTakesAll(ties)
+    mods: list[tuple[Any, R.Rule]] = [
+        (ACTIVATION_MODULES + IDENTITY_MODULES, passthrough),
+        (INDEX_MODULES, index),
+        (AVG_MODULES, avg_rule),
+        (MAX_MODULES, maxpool),
+    ]
+    if norm_rule is not None:
+        mods.append((NORM_MODULES, norm_rule))
+    if softmax:
+        mods.append((nn.Softmax, passthrough))
+    funcs: dict[Any, R.Rule] = {}
+    for f in ACTIVATION_FUNCS + ACTIVATION_METHODS:
+        funcs[f] = passthrough
+    for f in INDEX_FUNCS + INDEX_METHODS:
+        funcs[f] = index
+    for f in AVG_FUNCS + AVG_METHODS:
+        funcs[f] = avg_rule
+    for f in MAX_FUNCS:
+        funcs[f] = maxpool
+    for f in ADD_FUNCS + ADD_METHODS:
+        funcs[f] = add_rule
+    mul, prod = R.MulHalf(), R.Product()
+    for f in MUL_FUNCS + MUL_METHODS:
+        funcs[f] = mul
+    for f in MATMUL_FUNCS + MATMUL_METHODS:
+        funcs[f] = prod
+    if softmax:
+        for f in (F.softmax, torch.softmax, "softmax"):
+            funcs[f] = passthrough
+    return mods, funcs
+
+
+def dlbacktrace(saturation: bool = True) -> Composite:
+    """DLBacktrace default mode: :class:`~.rules.DLBAffine` for Linear/Conv, relevance
+    ``∝ |x|`` for average pooling / means / residual additions, winner-takes-all max pooling
+    with ties split, pass-through for activations, softmax and normalisation layers,
+    exact index maps for reshapes and concatenation, the product rule for ``matmul``."""
+    mods, funcs = _structural(R.AddSplit("abs"), R.DLBProportional(), R.PassThrough(), softmax=True)
+    return Composite("dlbacktrace", tuple([(AFFINE_TYPES, R.DLBAffine(saturation=saturation))] + mods), funcs,
+                     activation_saturation=saturation,
+                     description="DLBacktrace default mode")
+
+
+def dlbacktrace_contrast() -> Composite:
+    """DLBacktrace contrast mode: :class:`~.rules.DLBContrastAffine` for Linear/Conv; all other
+    ops as in :func:`dlbacktrace`, applied to each stream separately."""
+    mods, funcs = _structural(R.AddSplit("abs"), R.DLBProportional(), R.PassThrough(), softmax=True)
+    return Composite("dlbacktrace_contrast", tuple([(AFFINE_TYPES, R.DLBContrastAffine())] + mods), funcs,
+                     streams=2, description="DLBacktrace contrast mode (positive/negative streams)")
+
+
+def dlbacktrace_compat() -> Composite:
+    """dl-backtrace 0.1.24's CPU engine, reproduced for agreement checks, including its
+    defects: pooling by uniform upsampling (:class:`~.rules.UniformUpsample`), residual
+    additions split equally, linear layers with the ``0 -> 1`` fill, no activation
+    saturation. Not meant for explanations."""
+    mods, funcs = _structural(R.AddSplit("equal"), R.UniformUpsample(), R.PassThrough(), softmax=True)
+    mods = [(t, (R.UniformUpsample() if t in (AVG_MODULES, MAX_MODULES) else r)) for t, r in mods]
+    for f in MAX_FUNCS:
+        funcs[f] = R.UniformUpsample()
+    rules = [(nn.Linear, R.DLBAffine(saturation=False, zero_fill=1.0)),
+             ((nn.Conv1d, nn.Conv2d, nn.Conv3d), R.DLBAffine(saturation=False))]
+    return Composite("dlbacktrace_compat", tuple(rules + mods), funcs, activation_saturation=False,
+                     description="dl-backtrace 0.1.24 CPU engine (defects included)")
+
+
+def _lrp(name: str, conv_rule: R.Rule, linear_rule: R.Rule, first: Sequence[tuple[Any, R.Rule]] = (),
+         canonize_batchnorm: bool = True) -> Composite:
+    mods, funcs = _structural(R.AddSplit("z"), R.Norm(), R.BatchNormEpsilon(), softmax=False, ties="first")
+    # LayerNorm/GroupNorm have no LRP rule here: keep only BatchNorm in the norm entry
+    mods = [(t, r) if t is not NORM_MODULES else ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), r)
+            for t, r in mods]
+    rules = [((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv_rule), (nn.Linear, linear_rule)]
+    return Composite(name, tuple(rules + mods), funcs, first_rules=tuple(first),
+                     canonize_batchnorm=canonize_batchnorm, description=name)
+
+
+def lrp_epsilon(epsilon: float = 1e-6, canonize_batchnorm: bool = True) -> Composite:
+    """LRP-epsilon for every Linear/Conv; zennit's ``Norm`` for average pooling and sums,
+    pass-through for activations, max pooling by its gradient (one winner per window, as in
+    zennit), BatchNorm folded into the preceding layer (other BatchNorms: epsilon on the
+    elementwise affine map)."""
+    return _lrp("lrp_epsilon", R.Epsilon(epsilon), R.Epsilon(epsilon), canonize_batchnorm=canonize_batchnorm)
+
+
+def lrp_zplus(epsilon: float = 1e-6, canonize_batchnorm: bool = True) -> Composite:
+    """LRP-z+ for every Linear/Conv (zennit ``ZPlus``)."""
+    return _lrp("lrp_zplus", R.ZPlus(epsilon), R.ZPlus(epsilon), canonize_batchnorm=canonize_batchnorm)
+
+
+def lrp_alpha_beta(alpha: float = 2.0, beta: float = 1.0, canonize_batchnorm: bool = True) -> Composite:
+    """LRP-alpha-beta for every Linear/Conv (zennit ``AlphaBeta``)."""
+    rule = R.AlphaBeta(alpha, beta)
+    return _lrp("lrp_alpha_beta", rule, rule, canonize_batchnorm=canonize_batchnorm)
+
+
+def epsilon_plus_flat(epsilon: float = 1e-6, canonize_batchnorm: bool = True) -> Composite:
+    """zennit's ``EpsilonPlusFlat``: flat for the first Linear/Conv, z+ for other convolutions,
+    epsilon for other Linear layers."""
+    return _lrp("epsilon_plus_flat", R.ZPlus(epsilon), R.Epsilon(epsilon),
+                first=[(AFFINE_TYPES, R.Flat(epsilon))], canonize_batchnorm=canonize_batchnorm)
