@@ -6,6 +6,7 @@
 namespace py = pybind11;
 
 void register_topk(py::module_& m);
+void register_similarity(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "semlens_fast C++ CPU kernels (OpenMP, SIMD level chosen at run time)";
@@ -20,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
         return std::string(slf::isa_name(slf::current_isa()));
     }, "Lower the SIMD level (for tests); returns the level in force.");
     register_topk(m);
+    register_similarity(m);
 }

@@ -6,3 +6,6 @@ from ._backend import cpu_isa
 from .topk import POOLS, TopKState, merge_topk, pool_topk_update, topk_update
 
 __all__ = ["POOLS", "TopKState", "cpu_isa", "merge_topk", "pool_topk_update", "topk_update"]
+from .similarity import cosine_topk, pairwise_max, pairwise_topk  # noqa: E402
+
+__all__ += ["cosine_topk", "pairwise_max", "pairwise_topk"]

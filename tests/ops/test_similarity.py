@@ -27,11 +27,16 @@ SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 VALUES = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 3.0]
 
 
-@pytest.fixture(params=["reference"] + [f"cpu-{i}" for i in CPU_ISAS])
+# the C++ candidate pass runs on float32 or int16 (from INT16_MIN_QUERIES queries on):
+# both are tested at every SIMD level
+@pytest.fixture(params=["reference"] + [f"cpu-{i}-{m}" for i in CPU_ISAS for m in ("f32", "i16")])
 def backend(request, monkeypatch):
     name = request.param
     if name.startswith("cpu"):
+        from semlens_fast.ops.cpu import similarity as cpu
+
         monkeypatch.setenv("SEMLENS_BACKEND", "cpu")
+        monkeypatch.setattr(cpu, "INT16_MIN_QUERIES", 1 if name.endswith("i16") else 1 << 30)
         ext.set_isa(name.split("-")[1])
         yield name
         ext.set_isa(ext.best_isa())

@@ -1,0 +1,36 @@
+// Similarity kernel family (cosine top-k search): shared argument structs.
+//
+// The candidate pass (similarity_kernel.h, compiled once per SIMD level) computes
+// approximate cosine scores in float32 -- dot(q_hat, x) * (1 / |x|) with q_hat the
+// pre-normalised query -- over row blocks of the database and keeps, per query, the
+// best K candidates in the library's total order (score desc, id asc). The exact
+// rescoring (similarity.cpp, ISA independent) recomputes the candidates' scores in
+// float64 in a fixed sequential order, which is the documented definition of a score.
+#pragma once
+
+#include <cstdint>
+
+namespace slf {
+
+struct SimArgs {
+    const float* q;        // [Q, d] float32, contiguous, rows unit-normalised (or zero)
+    int64_t Q, d;
+    const void* x;         // [N, d] database rows; element (r, i) at x[r * xs + i]
+    int dtype;             // F32 / F16 / BF16 (common.h)
+    int64_t N, xs;
+    int64_t K;             // candidates kept per query
+    float* vals;           // [Q, K] out: approximate scores, best first (-inf when empty)
+    int64_t* ids;          // [Q, K] out: row ids (-1 when empty)
+    const int64_t* excl;   // [Q, m] row ids to skip (-1 = padding), or nullptr
+    int64_t m;
+    int64_t* bad;          // out: rows whose squared norm is not finite (NaN/inf values)
+    int64_t max_bad;
+    int64_t* n_bad;        // out: how many such rows were found (may exceed max_bad)
+    int nthreads;
+    // int16 mode (q16 != nullptr): queries quantised as round(q_hat * 2^15) (clamped to
+    // +-32767), rows quantised the same way after scaling by their inverse norm; the
+    // approximate score is the exact int32 dot product times 2^-30.
+    const int16_t* q16;
+};
+
+}  // namespace slf

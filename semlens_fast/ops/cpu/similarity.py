@@ -1,0 +1,88 @@
+"""C++ CPU backend of the similarity ops (extension ``semlens_fast._C``).
+
+Pipeline per call (inputs validated by :mod:`semlens_fast.ops.similarity`):
+
+1. candidate pass (C++, SIMD + OpenMP): approximate float32 cosine of the unit-scaled
+   queries with every database row, fused with a top-``K'`` selection per query; the
+   database is read once, in its storage dtype (fp32/fp16/bf16), never copied when its
+   rows are unit-stride; non-finite rows are detected on the way;
+2. exact rescoring (C++): float64 sequential scores of the ``K'`` candidates;
+3. certification (torch, ``[Q, K']``-sized): queries whose ``K'``-th approximate score
+   plus the error bound is below their ``k``-th exact score are final; the others are
+   rerun with a 4x larger ``K'``, ending, if needed, in an exact scan.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ...errors import ArgumentError
+from ..similarity import approx_error_bound, certified_topk, int16_error_bound, nonfinite_rows, raise_nonfinite
+
+_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+INT16_MIN_QUERIES = 8  # from this many queries on, the candidate pass runs on int16 (madd)
+MAX_CANDIDATES = 1 << 14  # beyond this, a query is resolved by an exact scan
+SCAN_CHUNK = 1 << 16
+
+
+def _unit_queries(q32: torch.Tensor) -> torch.Tensor:
+    q64 = q32.double()
+    n = q64.norm(dim=1, keepdim=True)
+    return torch.where(n > 0, q64 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(q64)).float().contiguous()
+
+
+def _db_view(db: torch.Tensor) -> torch.Tensor:
+    if db.shape[1] > 0 and db.stride(1) != 1:
+        db = db.contiguous()
+    return db
+
+
+def quantise_queries(qhat: torch.Tensor) -> torch.Tensor:
+    """int16 ``round(q_hat * 2**15)`` clamped to +-32767 (the C++ int16 candidate pass)."""
+    return torch.round(qhat.double() * 32768.0).clamp_(-32767, 32767).to(torch.int16).contiguous()
+
+
+def candidates(qhat: torch.Tensor, db: torch.Tensor, K: int, exclude: torch.Tensor | None):
+    """Approximate top-``K`` (scores, ids, error bound) per query; raises on non-finite db rows.
+
+    With at least ``INT16_MIN_QUERIES`` queries the pass runs on int16 (``vpmaddwd``:
+    twice the multiply-adds per instruction of float32 FMA on AVX2), else on float32.
+    """
+    ext = _backend.extension()
+    Q, d = qhat.shape
+    q16 = quantise_queries(qhat) if Q >= INT16_MIN_QUERIES else None
+    N = db.shape[0]
+    vals = torch.empty((Q, K), dtype=torch.float32)
+    ids = torch.empty((Q, K), dtype=torch.int64)
+    bad = torch.empty(64, dtype=torch.int64)
+    xs = db.stride(0) if N > 1 else d
+    n_bad = ext.sim_candidates(
+        qhat.data_ptr(), Q, d, db.data_ptr(), _DTYPE[db.dtype], N, xs, K,
+        vals.data_ptr(), ids.data_ptr(),
+        exclude.data_ptr() if exclude is not None else 0, exclude.shape[1] if exclude is not None else 0,
+        bad.data_ptr(), bad.numel(), _backend.num_threads(), q16.data_ptr() if q16 is not None else 0,
+    )
+    if n_bad:
+        raise_nonfinite(db, "db", nonfinite_rows(db))
+        rows = torch.unique(bad[: min(n_bad, bad.numel())]).tolist()
+        raise ArgumentError(f"db rows {rows[:10]} have a squared norm that overflows float32 (values beyond ~1e19)")
+    return vals, ids, (int16_error_bound(d) if q16 is not None else approx_error_bound(d))
+
+
+def rescore(q32: torch.Tensor, db: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Exact float32 scores ``[Q, C]`` of candidate ids ``cand [Q, C]`` (-1 -> -inf)."""
+    ext = _backend.extension()
+    Q, C = cand.shape
+    out = torch.empty((Q, C), dtype=torch.float32)
+    cand = cand.contiguous()
+    xs = db.stride(0) if db.shape[0] > 1 else db.shape[1]
+    ext.sim_rescore(q32.data_ptr(), Q, q32.shape[1], db.data_ptr(), _DTYPE[db.dtype], xs,
+                    cand.data_ptr(), C, out.data_ptr(), _backend.num_threads())
+    return out
+
+
+def cosine_topk(queries: torch.Tensor, db: torch.Tensor, k: int, exclude: torch.Tensor | None,
+                extra: int | None = None):
+    db = _db_view(db)
+    return certified_topk(queries, db, k, exclude, candidates, rescore, _unit_queries,
+                          extra=extra, max_candidates=MAX_CANDIDATES, scan_chunk=SCAN_CHUNK)

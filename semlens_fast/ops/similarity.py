@@ -1,0 +1,271 @@
+"""Exact cosine top-k search and tiled pairwise similarity.
+
+:func:`cosine_topk` compares ``Q`` queries with ``N`` database rows and returns, per
+query, the ``k`` most similar rows; :func:`pairwise_topk` / :func:`pairwise_max` do the
+same for two sets of vectors (model comparison, redundancy). The ``Q x N`` score
+matrix is never materialised: memory is ``O((Q + N) * k)`` whatever the backend.
+
+**The score** of a query ``q`` and a row ``x`` (both as float32 values; fp16/bf16
+inputs convert exactly) is their cosine similarity, computed in float64 with every
+product exact and the sums taken sequentially over the ``d`` components, then rounded
+once to float32::
+
+    dot = sum_i q_i x_i,   |q| = sqrt(sum_i q_i^2),   |x| = sqrt(sum_i x_i^2)
+    score = float32(dot / (|q| * |x|))                (+0.0 instead of -0.0)
+
+This definition is reproduced operation for operation by every backend (the torch
+reference, the C++ CPU kernels, the Triton kernels), so all return bit-identical
+scores and identical ids. Inputs need not be normalised.
+
+**Zero vectors** have similarity exactly 0 with everything (a zero query gets the
+``k`` lowest row ids, all with score 0).
+
+**Order and padding:** results are sorted by score, descending; among equal scores
+the lower row id comes first. When fewer than ``k`` rows are eligible (``k > N`` or
+exclusions), the missing entries are ``id = -1`` with ``score = -inf``.
+
+**Bad input:** NaN or infinite values in a query or a database row raise
+:class:`~semlens_fast.errors.ArgumentError` naming the rows; so do mismatched
+dimensions, ``k <= 0`` and unsupported dtypes (float32, float16, bfloat16 are
+accepted).
+
+How the fast backends stay exact: a float32 candidate pass (a fused, blocked matrix
+product with top-``K'`` selection per query, ``K' > k``) followed by the exact float64
+rescoring of the candidates. Every approximate score is within a proven bound ``eps``
+of the exact one; a query is *certified* when its ``K'``-th candidate's approximate
+score plus ``eps`` (and one float32 ulp) is below its ``k``-th exact score, so no
+other row can enter. Queries that are not certified (heavy ties) are rerun with a
+larger ``K'``, up to a full exact scan.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from . import _backend
+
+SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_ROWS = 2**62
+
+
+def approx_error_bound(d: int) -> float:
+    """Bound on |approximate - exact| of the float32 candidate pass, plus two float32 ulps of 1.
+
+    The candidate score is ``fl(fl(q_hat . x) * fl(1 / sqrt(fl(x . x))))`` with ``q_hat``
+    the float32-rounded unit query; standard float error analysis bounds its distance
+    to the exact cosine by about ``(1.5 d + 5) * 2**-24``; ``(2 d + 64) * 2**-24`` is used.
+    """
+    return (2.0 * d + 64.0) * 2.0**-24
+
+
+def int16_error_bound(d: int) -> float:
+    """Bound on |approximate - exact| of the int16 candidate pass (C++ backend).
+
+    Unit query and unit-scaled rows are rounded to multiples of ``2**-15`` (error
+    ``<= 2**-16`` per component, one component may clamp at ``+-32767 / 2**15``); by
+    Cauchy-Schwarz the dot product moves by at most ``2**-15 * (sqrt(d) + 1) + d * 2**-30``,
+    on top of the float32 bound for computing the norms.
+    """
+    return 2.0**-15 * (d**0.5 + 1.0) + d * 2.0**-30 + approx_error_bound(d)
+
+
+def _check_matrix(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except Exception as exc:
+            raise DTypeError(f"{name} must be a 2-D float tensor, got {type(x).__name__}") from exc
+    if x.dtype not in SIM_DTYPES:
+        raise DTypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ShapeError(f"{name} must be a 2-D tensor [rows, d], got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ArgumentError(f"k must be an int >= 1, got {k!r}")
+    return k
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of ``x [n, d]`` holding NaN or +-inf (ascending)."""
+    return torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().cpu()
+
+
+def raise_nonfinite(x: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> None:
+    """Raise :class:`ArgumentError` naming the non-finite rows of ``x`` (if any)."""
+    if rows is None:
+        rows = nonfinite_rows(x)
+    if rows.numel():
+        shown = rows[:10].tolist()
+        more = f" (and {rows.numel() - 10} more)" if rows.numel() > 10 else ""
+        raise ArgumentError(
+            f"{name} has NaN or infinite values in {rows.numel()} row(s): {shown}{more}; "
+            "similarities are defined for finite vectors only"
+        )
+
+
+def _check_exclude(exclude: object, Q: int, N: int, device: torch.device) -> torch.Tensor | None:
+    if exclude is None:
+        return None
+    if not isinstance(exclude, torch.Tensor):
+        try:
+            exclude = torch.as_tensor(exclude)
+        except Exception as exc:
+            raise DTypeError(f"exclude must be an integer tensor [Q] or [Q, m], got {type(exclude).__name__}") from exc
+    if exclude.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise DTypeError(f"exclude must be an integer tensor (row ids, -1 = none), got dtype {exclude.dtype}")
+    if exclude.dim() == 1:
+        exclude = exclude.unsqueeze(1)
+    if exclude.dim() != 2 or exclude.shape[0] != Q:
+        raise ShapeError(f"exclude must have shape [{Q}] or [{Q}, m] (row ids per query), got {tuple(exclude.shape)}")
+    if exclude.device != device:
+        raise DeviceError(f"exclude is on {exclude.device}, expected {device} like the queries")
+    exclude = exclude.to(torch.int64).contiguous()
+    if exclude.numel() and int(exclude.min()) < -1:
+        raise ArgumentError(f"exclude holds row ids >= 0 or -1 (no exclusion), got minimum {int(exclude.min())}")
+    if exclude.shape[1] == 0:
+        return None
+    return exclude
+
+
+def certified_topk(queries, db, k, exclude, candidates, rescore, unit_queries, *,
+                   extra=None, max_candidates=1 << 14, scan_chunk=1 << 16):
+    """Exact top-k from an approximate candidate pass + exact rescoring (shared by the
+    fast backends). ``candidates(qhat, db, K, exclude) -> (approx [Q, K], ids [Q, K])``
+    keeps the best K rows by approximate score (ties: lower id; -1 = none);
+    ``rescore(q32, db, ids) -> exact [Q, C]`` computes the defined scores. ``candidates``
+    may also return a third item, the bound on |approximate - exact| it guarantees
+    (default :func:`approx_error_bound`)."""
+    from .reference.similarity import select
+
+    dev = queries.device
+    q32 = queries.float().contiguous()
+    Q, d = q32.shape
+    N = db.shape[0]
+    qhat = unit_queries(q32)
+    zero_q = (qhat == 0).all(dim=1)
+    out_s = torch.empty((Q, k), dtype=torch.float32, device=dev)
+    out_i = torch.empty((Q, k), dtype=torch.int64, device=dev)
+    if extra is None:
+        extra = max(16, k // 2)
+    K = min(N, k + extra)
+    pending = torch.arange(Q, device=dev)
+    while pending.numel():
+        sub = pending.numel() < Q
+        qh = qhat[pending].contiguous() if sub else qhat
+        qr = q32[pending].contiguous() if sub else q32
+        ex = exclude[pending].contiguous() if (sub and exclude is not None) else exclude
+        if K > max_candidates and K < N:  # heavy ties: exact scan of these queries
+            best_s = torch.full((qr.shape[0], 0), float("-inf"), device=dev)
+            best_i = torch.full((qr.shape[0], 0), -1, dtype=torch.int64, device=dev)
+            for n0 in range(0, N, scan_chunk):
+                ids = torch.arange(n0, min(N, n0 + scan_chunk), device=dev).unsqueeze(0).expand(qr.shape[0], -1)
+                if ex is not None:
+                    hit = (ids.unsqueeze(2) == ex.unsqueeze(1)).any(dim=2)
+                    ids = torch.where(hit, torch.full_like(ids, -1), ids)
+                ids = ids.contiguous()
+                best_s, best_i = select(torch.cat([best_s, rescore(qr, db, ids)], 1), torch.cat([best_i, ids], 1), k)
+            s, i = select(best_s, best_i, k)
+            out_s[pending], out_i[pending] = s, i
+            break
+        res = candidates(qh, db, K, ex)
+        approx, cand = res[0], res[1]
+        eps = res[2] if len(res) > 2 else approx_error_bound(d)
+        s, i = select(rescore(qr, db, cand), cand, k)
+        n_valid = (cand >= 0).sum(dim=1)
+        # certified: every eligible row was a candidate, or no row outside the candidates
+        # can reach the k-th exact score (approximation bound + one float32 ulp)
+        done = (n_valid < K) | (K >= N) | zero_q[pending] | (approx[:, -1].double() + eps < s[:, -1].double())
+        out_s[pending[done]], out_i[pending[done]] = s[done], i[done]
+        pending = pending[~done]
+        K = min(N, 4 * K)
+    return out_s, out_i
+
+
+def _backend_module(device: torch.device):
+    name = _backend.choose(device)
+    if name == "cpu":
+        from .cpu import similarity as mod
+    elif name == "triton":
+        from .triton import similarity as mod
+    else:
+        from .reference import similarity as mod
+    return mod
+
+
+def empty_result(Q: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.full((Q, k), float("-inf"), dtype=torch.float32, device=device),
+        torch.full((Q, k), -1, dtype=torch.int64, device=device),
+    )
+
+
+def cosine_topk(
+    queries: torch.Tensor, db: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` rows of ``db [N, d]`` most cosine-similar to each of ``queries [Q, d]``.
+
+    Returns ``(scores [Q, k] float32, ids [Q, k] int64)``, best first (ties: lower id;
+    missing entries ``-1`` / ``-inf``). ``exclude`` is an integer tensor ``[Q]`` or
+    ``[Q, m]`` of row ids that query ``i`` must not return (``-1`` = no exclusion),
+    e.g. the query's own row. Zero vectors have similarity 0. ``db`` may be float32,
+    float16 or bfloat16 and is never copied when its rows are unit-stride; the
+    ``Q x N`` score matrix is never built. See the module docstring for the exact
+    definition of a score.
+    """
+    queries = _check_matrix(queries, "queries")
+    db = _check_matrix(db, "db")
+    k = _check_k(k)
+    if queries.shape[1] != db.shape[1]:
+        raise ShapeError(
+            f"queries have dimension {queries.shape[1]} (shape {tuple(queries.shape)}) but db rows have "
+            f"{db.shape[1]} (shape {tuple(db.shape)}); both must be [rows, d] with the same d"
+        )
+    if queries.device != db.device:
+        raise DeviceError(f"queries are on {queries.device} but db is on {db.device}")
+    Q, N = queries.shape[0], db.shape[0]
+    exclude = _check_exclude(exclude, Q, N, queries.device)
+    raise_nonfinite(queries, "queries")
+    if Q == 0 or N == 0:
+        return empty_result(Q, k, queries.device)
+    return _backend_module(db.device).cosine_topk(queries, db, k, exclude)
+
+
+def pairwise_topk(
+    a: torch.Tensor, b: torch.Tensor, k: int, *, exclude_diagonal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of ``a [N, d]``, its ``k`` most cosine-similar rows of ``b [M, d]``.
+
+    Returns ``(scores [N, k] float32, ids [N, k] int64)`` into ``b``; same semantics as
+    :func:`cosine_topk`. ``exclude_diagonal=True`` drops the pair ``(i, i)`` (use it when
+    ``a`` and ``b`` are the same set, e.g. redundancy within a layer). Memory is
+    ``O((N + M) * k)``: the ``N x M`` similarity matrix is never materialised.
+    """
+    a = _check_matrix(a, "a")
+    b = _check_matrix(b, "b")
+    if not isinstance(exclude_diagonal, bool):
+        raise ArgumentError(f"exclude_diagonal must be a bool, got {exclude_diagonal!r}")
+    if a.shape[1] != b.shape[1]:
+        raise ShapeError(f"a has dimension {a.shape[1]} (shape {tuple(a.shape)}) but b has {b.shape[1]} (shape {tuple(b.shape)})")
+    exclude = None
+    if exclude_diagonal:
+        exclude = torch.arange(a.shape[0], dtype=torch.int64, device=a.device)
+    try:
+        return cosine_topk(a, b, k, exclude=exclude)
+    except ArgumentError as exc:  # name the arguments of this function
+        msg = str(exc).replace("queries", "a", 1) if str(exc).startswith("queries") else str(exc).replace("db", "b", 1)
+        raise type(exc)(msg) from None
+
+
+def pairwise_max(
+    a: torch.Tensor, b: torch.Tensor, *, exclude_diagonal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-max special case of :func:`pairwise_topk`: ``(scores [N], ids [N])``.
+
+    ``scores[i]`` is the largest cosine similarity of ``a[i]`` with any row of ``b``
+    (``-inf`` with id ``-1`` when ``b`` has no eligible row).
+    """
+    s, i = pairwise_topk(a, b, 1, exclude_diagonal=exclude_diagonal)
+    return s[:, 0], i[:, 0]
