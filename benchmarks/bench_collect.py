@@ -117,6 +117,7 @@ def _bench(benchmark, name, fn, rounds=None):
         out["r"] = fn()
         cpu.append(time.process_time() - t)
 
+    benchmark.extra_info.update({"label": name, "ours": name == "semlens_fast_fp32", "items": N, "unit": "images"})
     benchmark.pedantic(run, rounds=rounds or ROUNDS, iterations=1, warmup_rounds=0)
     RESULTS[name] = {
         "min_s": round(benchmark.stats.stats.min, 3),

@@ -86,7 +86,8 @@ def test_topk_update(benchmark, batches, impl, k):
     benchmark.extra_info.update({"items": N, "unit": "samples", "ours": impl == "ours", "label": impl})
     fn = IMPLS[impl]
     fn(acts, ids[: min(4, NB)], k)  # warm-up (threads, allocator)
-    benchmark.pedantic(fn, args=(acts, ids, k), rounds=3, iterations=1)
+    rounds = 1 if impl == "ours torch reference" else 3  # the spec is slow (two stable sorts per batch)
+    benchmark.pedantic(fn, args=(acts, ids, k), rounds=rounds, iterations=1)
 
 
 MAPS = {"[256,2048,7,7]": (256, 2048, 7, 7), "[64,256,56,56]": (64, 256, 56, 56)}

@@ -1,7 +1,7 @@
 """Run the benchmark suites and write BENCHMARKS.md.
 
     python benchmarks/run.py                 # every suite
-    python benchmarks/run.py bench_topk.py   # some suites
+    python benchmarks/run.py bench_topk.py   # some suites (the others keep their stored results)
     SEMLENS_BENCH_SCALE=0.1 python benchmarks/run.py   # quick, smaller data
 
 Each suite puts the implementations that compete in one pytest-benchmark *group*; the
@@ -89,33 +89,60 @@ def tables(data: dict) -> list[str]:
     return out
 
 
-def main(argv: list[str]) -> int:
-    suites = argv or sorted(p.name for p in HERE.glob("bench_*.py"))
+RESULTS = HERE / "results"
+
+
+def run_suite(suite: str) -> int:
+    """Run one suite; on success store its JSON (with the machine description) in results/."""
+    RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--benchmark-json={js}",
-               "--benchmark-only", "-o", "python_files=bench_*.py", "--rootdir", str(HERE), *[str(HERE / s) for s in suites]]
+               "--benchmark-only", "-o", "python_files=bench_*.py", "--rootdir", str(HERE), str(HERE / suite)]
         print("running:", " ".join(cmd), flush=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         rc = subprocess.call(cmd, cwd=str(HERE), env=env)
         if not js.exists() or not js.read_text().strip():
-            print("no benchmark results were written", file=sys.stderr)
+            print(f"{suite}: no benchmark results were written", file=sys.stderr)
             return rc or 1
         data = json.loads(js.read_text())
+    data["semlens_machine"] = _machine()
+    data["semlens_command"] = f"python benchmarks/run.py {suite}"
+    out = RESULTS / (Path(suite).stem + ".json")
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(data, indent=1))
+    os.replace(tmp_out, out)
+    return rc
+
+
+def write_markdown() -> Path:
     lines = ["# Benchmarks", "",
-             "Written by `python benchmarks/run.py` (`semlens bench`). Times are pytest-benchmark means over the",
-             "rounds each suite sets; *x ours* is that row's mean time divided by ours (above 1: ours is faster).", ""]
-    lines += _machine() + ["", f"Suites: {', '.join(suites)}", ""]
-    lines += tables(data)
-    notes = ROOT / "benchmarks" / "NOTES.md"
+             "Written by `python benchmarks/run.py [suite ...]` (also `semlens bench`) from the stored results in",
+             "`benchmarks/results/`. Times are pytest-benchmark means over the rounds each suite sets. In every",
+             "group the competing implementations ran side by side in one run; *x ours* is that row's mean time",
+             "divided by ours (above 1: ours is faster; below 1: ours is slower).", ""]
+    for js in sorted(RESULTS.glob("*.json")):
+        data = json.loads(js.read_text())
+        lines += [f"## {js.stem}", "", f"Command: `{data.get('semlens_command', '')}`", ""]
+        lines += data.get("semlens_machine", []) + [""]
+        lines += tables(data)
+    notes = HERE / "NOTES.md"
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]
     out = ROOT / "BENCHMARKS.md"
     tmp_out = out.with_suffix(".md.tmp")
     tmp_out.write_text("\n".join(lines) + "\n")
     os.replace(tmp_out, out)
-    print(f"wrote {out}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    suites = argv or sorted(p.name for p in HERE.glob("bench_*.py"))
+    rc = 0
+    for suite in suites:
+        rc = run_suite(suite) or rc
+    print(f"wrote {write_markdown()}")
     return rc
 
 
