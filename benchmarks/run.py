@@ -138,6 +138,13 @@ def write_markdown() -> Path:
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    unknown = [a for a in argv if not (HERE / a).is_file()]
+    if unknown:
+        print(f"unknown suite(s) {unknown}; expected names of benchmarks/bench_*.py", file=sys.stderr)
+        return 2
     suites = argv or sorted(p.name for p in HERE.glob("bench_*.py"))
     rc = 0
     for suite in suites:
