@@ -70,6 +70,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from . import __version__
 from ._io import hash_tensors
 from .errors import ArgumentError, DTypeError, ShapeError, StoreError
+from ._batch import default_forward, first_tensor, to_device
 from .ops import POOLS, TopKState, pool_topk_update, topk_update
 from .store import (
     TopKStore,
@@ -165,25 +166,6 @@ def _per_layer(spec: Any, names: Sequence[str], what: str, default: Any) -> dict
             raise ArgumentError(f"{what} names layers {unknown} that are not in layers={list(names)}")
         return {n: spec.get(n, default) for n in names}
     return {n: spec for n in names}
-
-
-def first_tensor(out: Any) -> torch.Tensor | None:
-    """The documented tuple rule: the first tensor found depth-first in ``out``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        items = list(out.values())
-    elif isinstance(out, (tuple, list)):
-        items = list(out)
-    elif hasattr(out, "to_tuple"):  # HF ModelOutput
-        items = list(out.to_tuple())
-    else:
-        return None
-    for item in items:
-        t = first_tensor(item)
-        if t is not None:
-            return t
-    return None
 
 
 # ---------------------------------------------------------------------- per-layer collector
@@ -477,26 +459,6 @@ def _shard_batches(dataset: Dataset, data: Any, batch_size: int, rank: int, worl
     bsz = data.batch_size if isinstance(data, DataLoader) and data.batch_size else batch_size
     t = torch.tensor(idx, dtype=torch.int64)
     return list(torch.split(t, bsz)) if len(t) else []
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*[_to_device(v, device) for v in batch])
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(batch[0])
-    return model(batch)
 
 
 def _get_mask(batch: Any, spec: str | Callable | None) -> torch.Tensor | None:
@@ -837,7 +799,7 @@ def collect(
 
         return hook
 
-    run_forward = forward or _default_forward
+    run_forward = forward or default_forward
     training = {m: m.training for m in model.modules()}
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
     loader = DataLoader(dataset, batch_sampler=_ListBatchSampler(batches[done:]), **loader_kwargs)
@@ -848,7 +810,7 @@ def collect(
         with torch.inference_mode():
             for bi, batch in enumerate(loader, start=done):
                 ids = batches[bi]
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device, non_blocking=True)
                 ctx["ids"] = ids.to(device) if device.type != "cpu" else ids
                 ctx["mask"] = _get_mask(batch, attention_mask)
                 ctx["fired"] = set()

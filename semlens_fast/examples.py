@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArgumentError, ShapeError, StoreError
+from ._batch import default_forward, first_tensor, to_device
 
 log = logging.getLogger("semlens_fast")
 
@@ -330,34 +331,6 @@ class _Stop(Exception):
     pass
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    try:
-        from .collect import first_tensor
-    except ImportError:  # pragma: no cover
-        first_tensor = None
-    if first_tensor is not None:
-        return first_tensor(out)
-    return out if isinstance(out, torch.Tensor) else None
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(batch[0])
-    return model(batch)
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
 def _input_of(batch: Any) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
@@ -386,7 +359,7 @@ class _Recorder:
 
     def _hook(self, name: str, fn: Callable | None):
         def hook(module, inputs, out):
-            t = fn(out) if fn is not None else _first_tensor(out)
+            t = fn(out) if fn is not None else first_tensor(out)
             self.outs[name] = t
             if len(self.outs) == len(self.layers):
                 raise _Stop()
@@ -507,7 +480,7 @@ def concept_examples(
                 )
     pools = dict(getattr(store, "pools", {}) or {})
     dev = torch.device(device) if device is not None else (next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu"))
-    fwd = forward or _default_forward
+    fwd = forward or default_forward
     from torch.utils.data import default_collate
 
     # entries per layer, sorted by sample id
@@ -534,7 +507,7 @@ def concept_examples(
         for s in it:
             bids = uniq[s : s + batch_size]
             batch = default_collate([data[int(i)] for i in bids.tolist()])
-            batch = _to(batch, dev)
+            batch = to_device(batch, dev)
             x = _input_of(batch)
             if x.dim() < 3:
                 raise ShapeError(f"mode={mode!r} needs image-like inputs [B, C, H, W]; got input shape {tuple(x.shape)}")

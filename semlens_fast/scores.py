@@ -184,7 +184,6 @@ def _kmeans_gram(G: torch.Tensor, w: torch.Tensor, comp: torch.Tensor, K: int, n
     dev = G.device
     diag = G.diagonal(dim1=-2, dim2=-1)  # [B, k]
     wf = w.to(G.dtype)  # [B, k]
-    GR = G.unsqueeze(1)  # [B, 1, k, k]
     big = torch.finfo(G.dtype).max
 
     def d2_points(j: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,6 @@ def run_dlbacktrace_many(jobs: list[dict[str, Any]], timeout: float = 900.0) -> 
 def _main(inp: str, out: str) -> None:
     import time
 
-    import numpy as np
-
     try:
         DLBacktrace = _import_dlb()
     except Exception as e:  # noqa: BLE001

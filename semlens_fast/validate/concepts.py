@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError, ShapeError
-from .core import INPUT, AxiomResult, Stage, ValidationResult, _EvalMode, _Runner, _to_device, validate
+from .core import INPUT, AxiomResult, Stage, ValidationResult, _EvalMode, _Runner, validate
+from .._batch import to_device
 
 __all__ = ["resolve_labels", "layer_means", "concept_stage", "validate_concepts", "ConceptValidation"]
 
@@ -127,7 +128,7 @@ def layer_means(
     dtype = None
     with _EvalMode(model):
         for _, batch in tqdm(runner.batches(data, batch_size), desc="layer means", disable=not progress):
-            states, _, _ = runner.record(_to_device(batch, runner.device), [layer])
+            states, _, _ = runner.record(to_device(batch, runner.device), [layer])
             s = states[layer]
             dtype = s.dtype
             part = s.double().sum(0)
@@ -301,6 +302,6 @@ def _zero_state(model: nn.Module, layer: str, data: Any, *, batch_size: int, pro
     runner.check_module(layer, "layer")
     with _EvalMode(model):
         for _, batch in runner.batches(data, batch_size):
-            s = runner.record(_to_device(batch, runner.device), [layer])[0][layer]
+            s = runner.record(to_device(batch, runner.device), [layer])[0][layer]
             return torch.zeros_like(s[0])
     raise ArgumentError("data is empty: cannot learn the state shape of the layer")

@@ -5,7 +5,7 @@ import difflib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import ArgumentError, SemlensError, ShapeError
+from .._batch import default_forward, first_tensor, to_device
 from .equivalence import Argmax, Downstream, Equivalence, as_equivalence
 from .stats import clopper_pearson_lower
 
@@ -184,44 +185,6 @@ class ValidationResult:
 # ---------------------------------------------------------------------- running the model
 
 
-def _first_tensor(out: Any) -> Optional[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        items = list(out.values())
-    elif isinstance(out, (tuple, list)):
-        items = list(out)
-    elif hasattr(out, "to_tuple"):
-        items = list(out.to_tuple())
-    else:
-        return None
-    for it in items:
-        t = _first_tensor(it)
-        if t is not None:
-            return t
-    return None
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*[_to_device(v, device) for v in batch])
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(batch[0])
-    return model(batch)
-
-
 def _default_inputs(batch: Any) -> Any:
     if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
         return batch[0]
@@ -257,7 +220,7 @@ class _Runner:
             if fn is not None and not callable(fn):
                 raise ArgumentError(f"{nm} must be callable or None, got {fn!r}")
         self.model = model
-        self.forward = forward or _default_forward
+        self.forward = forward or default_forward
         self.inputs = inputs or _default_inputs
         self.output = output
         if device is None:
@@ -321,13 +284,13 @@ class _Runner:
 
     @staticmethod
     def batch_len(batch: Any) -> int:
-        t = _first_tensor(batch)
+        t = first_tensor(batch)
         if t is None or t.dim() == 0:
             raise ArgumentError(f"cannot find the batch size of a batch of type {type(batch).__name__}: no tensor with a batch dimension in it")
         return int(t.shape[0])
 
     def select(self, out: Any) -> torch.Tensor:
-        t = self.output(out) if self.output is not None else _first_tensor(out)
+        t = self.output(out) if self.output is not None else first_tensor(out)
         if not isinstance(t, torch.Tensor):
             raise ArgumentError(
                 f"the model output ({type(out).__name__}) holds no tensor; give output=fn(model_output) -> Tensor"
@@ -636,7 +599,7 @@ def validate(
     checked_order = False
     with _EvalMode(model):
         for ids, batch in tqdm(runner.batches(data, batch_size), desc="validate", disable=not progress):
-            batch = _to_device(batch, runner.device)
+            batch = to_device(batch, runner.device)
             try:
                 states, y, order = runner.record(batch, module_names)
             except ArgumentError as e:
