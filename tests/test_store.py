@@ -200,7 +200,8 @@ def test_sigkill_mid_run_then_resume_is_identical(tmp_path):
     # an uninterrupted run with the original seed
     ref_dir = tmp_path / "ref"
     out2 = subprocess.run([sys.executable, str(_script(tmp_path, 0.0)), str(ref_dir), "7"], env=env, capture_output=True, text=True, timeout=180)
-    assert out2.returncode == 0, out2.stderr and "FORWARDS 30" in out2.stdout
+    assert out2.returncode == 0, out2.stderr
+    assert "FORWARDS 30" in out2.stdout
     resumed, ref = TopKStore.load(store), TopKStore.load(ref_dir)
     assert resumed.complete and resumed.equal(ref)
     # and both equal the in-process result (order independence of the top-k)

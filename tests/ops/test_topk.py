@@ -191,7 +191,8 @@ def test_non_contiguous_inputs(backend):
 
 
 def test_sum_mean_of_zeros_and_inf(backend):
-    x = torch.tensor([[[-0.0, -0.0]], [[float("inf"), float("-inf")]], [[float("inf"), 1.0]]])  # [3, 1, 2] tokens? no: [B,T,C]
+    # [B=3, T=1, C=2] token activations
+    x = torch.tensor([[[-0.0, -0.0]], [[float("inf"), float("-inf")]], [[float("inf"), 1.0]]])
     state = pool_topk_update(TopKState.empty(2, 3), x, torch.tensor([0, 1, 2]), "sum")
     # channel 0: sums -0.0 (→ +0.0), inf, inf ; channel 1: -0.0→+0.0, -inf, 1.0
     assert state.ids[0].tolist() == [1, 2, 0]
