@@ -118,7 +118,7 @@ def run_suite(suite: str) -> int:
 
 def write_markdown() -> Path:
     lines = ["# Benchmarks", "",
-             "Written by `python benchmarks/run.py [suite ...]` (also `semlens bench`) from the stored results in",
+             "Written by `python benchmarks/run.py [suite ...]` from the stored results in",
              "`benchmarks/results/`. Times are pytest-benchmark means over the rounds each suite sets. In every",
              "group the competing implementations ran side by side in one run; *x ours* is that row's mean time",
              "divided by ours (above 1: ours is faster; below 1: ours is slower).", ""]
