@@ -1,6 +1,6 @@
 """Shared benchmark settings.
 
-Benchmarks are run with ``python benchmarks/run.py`` (or ``semlens bench``), which
+Benchmarks are run with ``python benchmarks/run.py``, which
 calls pytest-benchmark and writes BENCHMARKS.md. ``SEMLENS_BENCH_SCALE`` (default 1.0)
 scales the data sizes down for quick runs; the published figures use 1.0.
 """
