@@ -57,7 +57,8 @@ static inline bool better(float v1, int64_t i1, float v2, int64_t i2) {
 }
 
 // One channel's top-k list, sorted best first. Insert (v, id, pos) if it beats the
-// last entry; returns true if it was inserted.
+// last entry; returns true if it was inserted. ``pos`` may be nullptr (lists without
+// positions, e.g. similarity search).
 static inline bool insert_entry(float* vals, int64_t* ids, int32_t* pos, int64_t k,
                                 float v, int64_t id, int32_t p) {
     if (!better(v, id, vals[k - 1], ids[k - 1])) return false;
@@ -70,9 +71,10 @@ static inline bool insert_entry(float* vals, int64_t* ids, int32_t* pos, int64_t
     if (n > 0) {
         std::memmove(vals + lo + 1, vals + lo, static_cast<size_t>(n) * sizeof(float));
         std::memmove(ids + lo + 1, ids + lo, static_cast<size_t>(n) * sizeof(int64_t));
-        std::memmove(pos + lo + 1, pos + lo, static_cast<size_t>(n) * sizeof(int32_t));
+        if (pos != nullptr) std::memmove(pos + lo + 1, pos + lo, static_cast<size_t>(n) * sizeof(int32_t));
     }
-    vals[lo] = v; ids[lo] = id; pos[lo] = p;
+    vals[lo] = v; ids[lo] = id;
+    if (pos != nullptr) pos[lo] = p;
     return true;
 }
 

@@ -363,25 +363,10 @@ static const float* prepare_block(const SimArgs& a, int64_t r0, int64_t nr, floa
     return buf;
 }
 
-static inline bool beats(float v1, int64_t i1, float v2, int64_t i2) {
-    return v1 > v2 || (v1 == v2 && static_cast<uint64_t>(i1) < static_cast<uint64_t>(i2));
-}
-
-// insert (s, id) into the sorted list (v, ids)[K] if it beats the last entry
+// the library's entry order and sorted insertion come from common.h (better, insert_entry);
+// similarity lists carry no positions
 static inline void insert(float* v, int64_t* ids, int64_t K, float s, int64_t id) {
-    if (!beats(s, id, v[K - 1], ids[K - 1])) return;
-    int64_t lo = 0, hi = K - 1;
-    while (lo < hi) {
-        int64_t mid = (lo + hi) >> 1;
-        if (beats(s, id, v[mid], ids[mid])) hi = mid; else lo = mid + 1;
-    }
-    int64_t n = K - 1 - lo;
-    if (n > 0) {
-        std::memmove(v + lo + 1, v + lo, static_cast<size_t>(n) * sizeof(float));
-        std::memmove(ids + lo + 1, ids + lo, static_cast<size_t>(n) * sizeof(int64_t));
-    }
-    v[lo] = s;
-    ids[lo] = id;
+    insert_entry(v, ids, nullptr, K, s, id, 0);
 }
 
 template <int DT>
@@ -509,7 +494,7 @@ static void merge_lists(float* av, int64_t* ai, const float* bv, const int64_t* 
                         float* tv, int64_t* ti) {
     int64_t x = 0, y = 0;
     for (int64_t o = 0; o < K; ++o) {
-        if (y >= K || (x < K && beats(av[x], ai[x], bv[y], bi[y]))) { tv[o] = av[x]; ti[o] = ai[x]; ++x; }
+        if (y >= K || (x < K && better(av[x], ai[x], bv[y], bi[y]))) { tv[o] = av[x]; ti[o] = ai[x]; ++x; }
         else { tv[o] = bv[y]; ti[o] = bi[y]; ++y; }
     }
     std::memcpy(av, tv, sizeof(float) * K);
