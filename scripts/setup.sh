@@ -14,6 +14,12 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fortunes >/dev/null || \
             echo "setup: apt-get could not install dataset-fashion-mnist/fortunes; continuing without them" >&2
     fi
+    # headless Chromium for the HTML report's browser test (skipped without it unless SEMLENS_REQUIRE_BROWSER=1)
+    if ! dpkg -s chromium >/dev/null 2>&1; then
+        apt-get update -qq || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+            echo "setup: apt-get could not install chromium; the report's browser test will be skipped" >&2
+    fi
 fi
 
 # torch first: these exact releases come from local files on the reference machine.

@@ -1,0 +1,379 @@
+"""A run folder: the artifacts of one analysis, shared by the ``semlens`` command and the demo.
+
+Layout (every file is written atomically; each stage checks that what it reads belongs
+to this run)::
+
+    RUN/run.json                 manifest: run id, model/data/foundation specs, stage records
+    RUN/model.safetensors        weights of a model trained by the demo (other models: a factory)
+    RUN/demo_mask.safetensors    the demo's planted-mark mask (which training images carry it)
+    RUN/topk/                    TopKStore                      (semlens collect)
+    RUN/fm/aligned.safetensors   fitted map of an Aligned model (demo)
+    RUN/concepts/                ConceptDB                      (semlens embed)
+    RUN/relevance/<target>.safetensors  per-layer channel relevance for one class (semlens audit)
+    RUN/labels.json              last labels                    (semlens label)
+    RUN/audit.json               last audit                     (semlens audit)
+    RUN/findings.json            the demo's findings
+    RUN/report/                  HTML report                    (semlens report)
+
+Specs are small JSON dicts, so a later command rebuilds the same model, data and
+foundation model: ``{"kind": "factory", "target": "pkg.mod:fn"}`` (called with no
+arguments, returns an ``nn.Module`` / a dataset), the built-in ``fashion-mnist``,
+``digits``, ``demo-cnn`` and ``demo-stamped-fashion``, and foundation models
+``packaged-vision``, ``minilm``, ``aligned`` and ``openclip``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ._io import read_json, read_tensors, write_json
+from ._version import __version__
+from .errors import ArgumentError, SemlensError, StoreError
+
+FORMAT = "semlens_fast.run"
+RUN_FILE = "run.json"
+
+
+class MissingArtifactError(StoreError):
+    """A stage needs an artifact that an earlier stage has not written yet."""
+
+
+class RunMismatchError(StoreError):
+    """Artifacts in a run folder come from different runs (or another model/data set)."""
+
+
+def _load_factory(target: str, what: str) -> Callable[[], Any]:
+    if not isinstance(target, str) or ":" not in target:
+        raise ArgumentError(f"{what} must be 'package.module:function', got {target!r}")
+    mod, _, fn = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as exc:
+        raise ArgumentError(f"{what} {target!r} cannot be imported: {exc}") from None
+    if not callable(obj):
+        raise ArgumentError(f"{what} {target!r} is not callable")
+    return obj
+
+
+def stamp(images: torch.Tensor, size: int = 5, offset: int = 1) -> torch.Tensor:
+    """The demo's planted mark: a white ``size`` x ``size`` square ``offset`` px from the
+    top-left corner of uint8 images ``[..., H, W]`` (returns a copy)."""
+    out = images.clone()
+    out[..., offset:offset + size, offset:offset + size] = 255
+    return out
+
+
+def parse_fm(spec: str) -> dict[str, Any]:
+    """``--fm`` strings: ``vision[:SIZE]``, ``text``, ``aligned``, ``openclip:ARCH[:PRETRAINED_OR_CHECKPOINT]``."""
+    parts = spec.split(":")
+    kind = parts[0]
+    if kind == "vision":
+        size = int(parts[1]) if len(parts) > 1 else 64
+        return {"kind": "packaged-vision", "image_size": size}
+    if kind == "text":
+        return {"kind": "minilm"}
+    if kind == "aligned":
+        return {"kind": "aligned"}
+    if kind == "openclip":
+        if len(parts) < 2 or not parts[1]:
+            raise ArgumentError(f"--fm openclip needs an architecture, e.g. openclip:ViT-B-32:/path/to/ckpt.pt; got {spec!r}")
+        rest = ":".join(parts[2:]) or None
+        ckpt = rest if rest and (os.sep in rest or rest.endswith((".pt", ".bin", ".safetensors"))) else None
+        return {"kind": "openclip", "arch": parts[1], "pretrained": None if ckpt else rest, "checkpoint": ckpt}
+    raise ArgumentError(f"--fm must be vision[:SIZE], text, aligned or openclip:ARCH[:PRETRAINED|CHECKPOINT]; got {spec!r}")
+
+
+class Run:
+    """A run folder (see the module docstring). Open with :meth:`open`, make with :meth:`create`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ files
+    @property
+    def topk_path(self) -> Path:
+        return self.path / "topk"
+
+    @property
+    def concepts_path(self) -> Path:
+        return self.path / "concepts"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def id(self) -> str:
+        return str(self.manifest["run_id"])
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, path: str | os.PathLike, model: dict[str, Any], data: dict[str, Any],
+               classes: list[str] | None = None) -> "Run":
+        """Make ``path`` (or reuse it when it holds a run with the same model and data specs)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ArgumentError(f"--run {path} exists and is not a folder")
+        if (path / RUN_FILE).exists():
+            run = cls.open(path)
+            if run.manifest.get("model") != model or run.manifest.get("data") != data:
+                raise RunMismatchError(
+                    f"{path} already holds a run of another model or data set ({run.manifest.get('model')}, "
+                    f"{run.manifest.get('data')}); choose another --run folder or delete this one"
+                )
+            return run
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ArgumentError(f"--run {path} is not writable: {exc.strerror or exc}") from None
+        man = {"format": FORMAT, "library_version": __version__, "run_id": uuid.uuid4().hex,
+               "model": model, "data": data, "classes": classes, "stages": {}}
+        write_json(path / RUN_FILE, man)
+        return cls(path, man)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        path = Path(path)
+        f = path / RUN_FILE
+        if not f.exists():
+            raise MissingArtifactError(
+                f"no run in {path} (no {RUN_FILE}); run `semlens demo --run {path}` or "
+                f"`semlens collect --run {path} --model ... --data ... --layers ...` first"
+            )
+        man = read_json(f)
+        if not isinstance(man, dict) or man.get("format") != FORMAT:
+            raise StoreError(f"{f} is not a semlens run manifest")
+        return cls(path, man)
+
+    def record(self, stage: str, **info: Any) -> None:
+        """Note that ``stage`` finished (with what) in run.json (atomic rewrite)."""
+        self.manifest.setdefault("stages", {})[stage] = info
+        write_json(self.path / RUN_FILE, self.manifest)
+
+    def stage(self, stage: str) -> dict[str, Any] | None:
+        return self.manifest.get("stages", {}).get(stage)
+
+    def require(self, stage: str, command: str) -> dict[str, Any]:
+        info = self.stage(stage)
+        if info is None:
+            raise MissingArtifactError(f"{self.path} has no {stage} results yet; run `{command}` first")
+        if info.get("run_id", self.id) != self.id:
+            raise RunMismatchError(f"{self.path}: the {stage} results belong to another run; run `{command}` again")
+        return info
+
+    # ------------------------------------------------------------------ model and data
+    @property
+    def classes(self) -> list[str] | None:
+        return self.manifest.get("classes")
+
+    def model(self) -> torch.nn.Module:
+        if "model" not in self._cache:
+            spec = self.manifest["model"]
+            if spec["kind"] == "demo-cnn":
+                from .models import FashionCNN
+
+                m = FashionCNN()
+                sd = read_tensors(self.path / spec["weights"])
+                sd.pop("__accuracy__", None)
+                m.load_state_dict(sd)
+            elif spec["kind"] == "factory":
+                m = _load_factory(spec["target"], "--model")()
+                if not isinstance(m, torch.nn.Module):
+                    raise ArgumentError(f"--model {spec['target']} returned {type(m).__name__}, expected a torch.nn.Module")
+            else:
+                raise StoreError(f"{self.path / RUN_FILE}: unknown model kind {spec['kind']!r}")
+            self._cache["model"] = m.eval()
+        return self._cache["model"]
+
+    def data(self) -> Any:
+        if "data" not in self._cache:
+            spec = self.manifest["data"]
+            from . import data as D
+
+            kind = spec["kind"]
+            if kind == "fashion-mnist":
+                ds = D.fashion_mnist(spec.get("split", "train"), fallback=False)
+            elif kind == "digits":
+                ds = D.digits(spec.get("split", "train"))
+            elif kind == "demo-stamped-fashion":
+                ds = self._demo_data(spec)
+            elif kind == "factory":
+                ds = _load_factory(spec["target"], "--data")()
+            else:
+                raise StoreError(f"{self.path / RUN_FILE}: unknown data kind {kind!r}")
+            self._cache["data"] = ds
+        return self._cache["data"]
+
+    def _demo_data(self, spec: dict[str, Any]) -> Any:
+        from .data import ImageDataset, fashion_mnist
+
+        base = fashion_mnist("train") if spec.get("source") == "fashion-mnist" else None
+        if base is None:
+            from .data import digits
+
+            base = digits("train")
+        mask_file = self.path / spec["mask"]
+        if not mask_file.exists():
+            raise MissingArtifactError(f"{mask_file} is missing; run `semlens demo --run {self.path}` again")
+        mask = read_tensors(mask_file)["stamped"].to(torch.bool)
+        if mask.shape[0] != len(base):
+            raise RunMismatchError(f"{mask_file} marks {mask.shape[0]} images but the data set has {len(base)}")
+        imgs = base.images.clone()
+        imgs[mask] = stamp(imgs[mask], spec["size"], spec["offset"])
+        ds = ImageDataset(imgs, base.labels, f"{base.source}+stamp", base.classes, base.mean, base.std)
+        ds.stamped = mask  # type: ignore[attr-defined]
+        return ds
+
+    # ------------------------------------------------------------------ artifacts
+    def store(self) -> Any:
+        from .store import TopKStore
+
+        info = self.require("collect", f"semlens collect --run {self.path} ...")
+        if "store" not in self._cache:
+            st = TopKStore.load(self.topk_path)
+            if info.get("lists_sha256") and store_digest(st) != info["lists_sha256"]:
+                raise RunMismatchError(f"{self.topk_path} was replaced since `semlens collect` recorded it; "
+                                       f"run `semlens collect --run {self.path} ...` again")
+            self._cache["store"] = st
+        return self._cache["store"]
+
+    def foundation(self, spec: dict[str, Any] | None = None) -> Any:
+        """The foundation model of ``spec`` (default: the one the ConceptDB was built with)."""
+        if spec is None:
+            spec = self.require("embed", f"semlens embed --run {self.path} --fm ...")["fm"]
+        key = "fm:" + repr(sorted(spec.items()))
+        if key in self._cache:
+            return self._cache[key]
+        from . import foundation as F
+
+        kind = spec["kind"]
+        if kind == "packaged-vision":
+            fm = F.PackagedVision(image_size=int(spec.get("image_size", 64)))
+        elif kind == "minilm":
+            fm = F.SentenceTransformerText()
+        elif kind == "aligned":
+            mp = self.path / "fm" / "aligned.safetensors"
+            if not mp.exists():
+                raise MissingArtifactError(
+                    f"{mp} is missing: an Aligned model is fitted by `semlens demo` (or by Aligned.fit(...).save(path) "
+                    "in Python); use --fm vision or openclip:... otherwise")
+            vis = self.foundation(spec.get("vision", {"kind": "packaged-vision", "image_size": 64}))
+            txt = self.foundation(spec.get("text", {"kind": "minilm"}))
+            fm = F.Aligned.load(mp, vis, txt)
+        elif kind == "openclip":
+            fm = F.OpenCLIP(spec["arch"], spec.get("pretrained"), checkpoint=spec.get("checkpoint"))
+        else:
+            raise StoreError(f"unknown foundation model kind {kind!r}")
+        self._cache[key] = fm
+        return fm
+
+    def concept_db(self) -> Any:
+        from .concepts import ConceptDB
+
+        self.require("embed", f"semlens embed --run {self.path} --fm ...")
+        if "db" not in self._cache:
+            db = ConceptDB.load(self.concepts_path)
+            try:
+                db.check_store(self.store())
+            except StoreError:
+                raise RunMismatchError(
+                    f"{self.concepts_path} was built from another top-k store than {self.topk_path}; "
+                    f"run `semlens embed --run {self.path} --fm ...` again") from None
+            self._cache["db"] = db
+        return self._cache["db"]
+
+    def lens(self) -> Any:
+        from .lens import Lens
+
+        if "lens" not in self._cache:
+            self._cache["lens"] = Lens(self.concept_db(), self.foundation())
+        return self._cache["lens"]
+
+    def relevance(self, target: int) -> dict[str, torch.Tensor] | None:
+        f = self.path / "relevance" / f"class{int(target)}.safetensors"
+        info = self.stage(f"relevance:{int(target)}")
+        if not f.exists() or info is None:
+            return None
+        if info.get("model") != self.store().fingerprints.get("model"):
+            return None  # computed for other weights: recompute
+        return read_tensors(f)
+
+
+def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int = 512, batch_size: int = 128,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean channel relevance ``[C]`` per layer for class ``target`` (DLBacktrace default rules), over
+    up to ``max_samples`` samples of the run's data set labelled ``target`` (all samples if it has no
+    labels), cached in ``RUN/relevance/class<target>.safetensors``."""
+    from tqdm.auto import tqdm
+
+    from ._io import write_tensors
+    from .relevance import RelevanceEngine
+
+    cached = run.relevance(target)
+    if cached is not None and all(n in cached for n in layers):
+        return {n: cached[n] for n in layers}
+    model, ds = run.model(), run.data()
+    labels = getattr(ds, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        n_classes = int(labels.max()) + 1
+        if not 0 <= target < n_classes:
+            raise ArgumentError(f"--target must be a class index 0..{n_classes - 1}, got {target}")
+        idx = (labels == target).nonzero().flatten()[:max_samples].tolist()
+    else:
+        idx = list(range(min(len(ds), max_samples)))
+    if not idx:
+        raise ArgumentError(f"--target {target}: the data set has no sample of that class")
+    from ._batch import first_tensor
+
+    eng: RelevanceEngine | None = None
+    sums = {n: None for n in layers}
+    for b0 in tqdm(range(0, len(idx), batch_size), desc=f"relevance for class {target}", disable=not progress):
+        items = [ds[i] for i in idx[b0:b0 + batch_size]]
+        x = torch.stack([first_tensor(it) for it in items])
+        if eng is None:
+            eng = RelevanceEngine(model, example=x)
+        res = eng(x, target, record=layers)
+        for n in layers:
+            r = res.layers[n]
+            r = r.reshape(r.shape[0], r.shape[1], -1).sum(-1).double().sum(0)
+            sums[n] = r if sums[n] is None else sums[n] + r
+    out = {n: (v / len(idx)).float() for n, v in sums.items()}
+    prev = run.relevance(target) or {}
+    prev.update(out)
+    (run.path / "relevance").mkdir(exist_ok=True)
+    write_tensors(run.path / "relevance" / f"class{int(target)}.safetensors", prev)
+    run.record(f"relevance:{int(target)}", model=run.store().fingerprints.get("model"), samples=len(idx),
+               layers=sorted(prev), rules="dlbacktrace")
+    return out
+
+
+def save_audit(run: Run, audit: Any) -> dict[str, Any]:
+    """Write an :class:`~semlens_fast.lens.AuditReport` to ``RUN/audit.json`` (what the report shows)."""
+    rec = {"run_id": run.id, "valid": audit.valid, "spurious": audit.spurious, "target": audit.target,
+           "relevance_share": audit.relevance_share, "flagged": audit.flagged, "components": audit.components}
+    write_json(run.path / "audit.json", rec)
+    run.record("audit", run_id=run.id, flagged=len(audit.flagged))
+    return rec
+
+
+def store_digest(store: Any) -> str:
+    """SHA-256 of all top-k lists of ``store`` (what run.json records for `collect`)."""
+    from .concepts import store_fingerprint
+
+    return str(store_fingerprint(store, list(store.keys()))["lists_sha256"])
+
+
+__all__ = ["Run", "MissingArtifactError", "RunMismatchError", "SemlensError", "stamp", "parse_fm", "store_digest"]
