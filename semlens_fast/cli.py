@@ -1,38 +1,507 @@
-"""The ``semlens`` command."""
+"""The ``semlens`` command: every stage of the pipeline on a run folder.
+
+Run ``semlens COMMAND --help`` for each command. All commands take ``--run DIR`` (default
+``$SEMLENS_RUN`` or ``semlens-demo``, the folder ``semlens demo`` fills) and ``--json``
+(machine-readable output on stdout).
+
+Exit codes: 0 success; 1 unexpected error (``--debug`` shows the traceback); 2 bad
+arguments or input; 3 a needed artifact or data set is missing (the message says what to
+run); 4 artifacts that do not belong together or are damaged; 5 ``audit --fail-on-flagged``
+flagged components.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+from pathlib import Path
+from typing import Any, Callable
 
 from ._version import __version__
 
+EXIT_OK, EXIT_ERROR, EXIT_ARGS, EXIT_MISSING, EXIT_MISMATCH, EXIT_FLAGGED = 0, 1, 2, 3, 4, 5
+DEFAULT_RUN = "semlens-demo"
 
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int = EXIT_ARGS):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------- output helpers
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy (NaN -> null, tuples -> lists, tensors -> lists)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _clean(obj.tolist())
+    return obj
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) -> None:
+    if args.json:
+        print(json.dumps(_clean(data), indent=1))
+    else:
+        print(text() if callable(text) else text)
+
+
+def _list(values: list[str] | None) -> list[str]:
+    """Repeated and/or comma-separated option values -> one list."""
+    out: list[str] = []
+    for v in values or []:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return out
+
+
+def _open(args: argparse.Namespace):
+    from .workspace import Run
+
+    return Run.open(args.run)
+
+
+def _probes(run: Any, items: list[str], what: str) -> Any:
+    """``text`` or ``image:PATH`` entries -> texts list, or a {name: embedding} mapping if any image."""
+    if not any(i.startswith("image:") for i in items):
+        return items
+    from PIL import Image
+
+    fm = run.foundation()
+    out = {}
+    for it in items:
+        if it.startswith("image:"):
+            p = Path(it[6:])
+            if not p.is_file():
+                raise CommandError(f"{what}: image {p} does not exist", EXIT_MISSING)
+            out[f"image {p.name}"] = fm.encode_images([Image.open(p).convert("RGB")])[0]
+        else:
+            out[it] = fm.encode_texts([it])[0]
+    return out
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(steps=args.steps)
+    say = (lambda s: None) if args.json else print
+    findings = run_demo(args.run, fresh=args.fresh, report=not args.no_report, progress=not args.no_progress,
+                        say=say, cfg=cfg)
+    if args.json:
+        print(json.dumps(_clean(findings), indent=1))
+    return EXIT_OK
+
+
+def _spec(value: str, what: str) -> dict[str, Any]:
+    builtin = {"fashion-mnist": {"kind": "fashion-mnist", "split": "train"},
+               "fashion-mnist-test": {"kind": "fashion-mnist", "split": "test"},
+               "digits": {"kind": "digits", "split": "train"}}
+    if what == "--data" and value in builtin:
+        return builtin[value]
+    if ":" not in value:
+        choices = ", ".join(builtin) + ", " if what == "--data" else ""
+        raise CommandError(f"{what} must be {choices}or package.module:function (called with no arguments), got {value!r}")
+    return {"kind": "factory", "target": value}
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from .collect import collect
+    from .workspace import Run, store_digest
+
+    layers = _list(args.layers)
+    if not layers:
+        raise CommandError("--layers: name at least one layer (model.named_modules() names, comma-separated)")
+    run = Run.create(args.run, _spec(args.model, "--model"), _spec(args.data, "--data"))
+    model, ds = run.model(), run.data()
+    if run.classes is None and getattr(ds, "classes", None):
+        run.manifest["classes"] = list(ds.classes)
+    store = collect(model, ds, layers, k=args.k, pool=args.pool, batch_size=args.batch_size, store=run.topk_path,
+                    checkpoint_every=args.checkpoint_every, progress=not args.no_progress, overwrite=args.overwrite)
+    run.record("collect", layers=layers, k=args.k, pool=args.pool, lists_sha256=store_digest(store), run_id=run.id)
+    rows = [{"layer": n, "components": store[n].channels, "k": store[n].k,
+             "filled": int((store[n].ids >= 0).sum()), "nan_excluded": int(store[n].nan_counts.sum())} for n in layers]
+    from .lens import _table
+
+    _emit(args, {"run": str(run.path), "layers": rows},
+          lambda: f"collected into {run.topk_path}\n" + _table(rows, ["layer", "components", "k", "filled", "nan_excluded"]))
+    return EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .concepts import build_concept_db
+    from .workspace import parse_fm
+
+    run = _open(args)
+    store = run.store()
+    spec = parse_fm(args.fm)
+    if spec["kind"] == "aligned":
+        prev = run.stage("foundation") or {}
+        spec = prev.get("fm", {"kind": "aligned"})
+    fm = run.foundation(spec)
+    layers = _list(args.layers) or None
+    kw = {"model": run.model(), "data": run.data()} if args.mode != "full" else {}
+    import torch
+
+    db = build_concept_db(store, fm, run.data(), layers, mode=args.mode, path=run.concepts_path,
+                          cache=run.file("cache"), overwrite=True, progress=not args.no_progress,
+                          dtype=getattr(torch, args.dtype), **kw)
+    run.record("embed", fm=spec, mode=args.mode, layers=list(db.layers), run_id=run.id)
+    rows = [{"layer": n, "components": db[n].channels, "with_examples": int((db[n].n_valid > 0).sum()), "dim": db.dim}
+            for n in db.layers]
+    from .lens import _table
+
+    _emit(args, {"run": str(run.path), "foundation": fm.name, "layers": rows},
+          lambda: f"ConceptDB in {run.concepts_path} ({fm.name})\n" + _table(rows, ["layer", "components", "with_examples", "dim"]))
+    return EXIT_OK
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from ._io import read_json, write_json
+
+    run = _open(args)
+    if not args.query and not args.image:
+        raise CommandError("search: give a text QUERY and/or --image PATH")
+    lens = run.lens()
+    layers = _list(args.layers) or None
+    results = []
+    queries: list[tuple[str, Any]] = [(f"text: {q}", q) for q in args.query]
+    for p in args.image or []:
+        if not Path(p).is_file():
+            raise CommandError(f"--image {p} does not exist", EXIT_MISSING)
+        queries.append((f"image: {p}", Image.open(p).convert("RGB")))
+    for name, q in queries:
+        res = lens.search(q if isinstance(q, str) else [q], k=args.k, layers=layers, per_layer=args.per_layer)
+        rows = [dict(rank=r["rank"], layer=r["layer"], component=r["component"], score=r["score"]) for r in res.to_records()]
+        results.append({"query": name, "rows": rows})
+    f = run.file("searches.json")
+    prev = read_json(f) if f.exists() else {}
+    keep = prev.get("searches", []) if prev.get("run_id") == run.id else []
+    write_json(f, {"run_id": run.id, "searches": (keep + results)[-20:]})
+    from .lens import _table
+
+    _emit(args, results, lambda: "\n\n".join(r["query"] + "\n" + _table(r["rows"], ["rank", "layer", "component", "score"])
+                                             for r in results))
+    return EXIT_OK
+
+
+def _vocab(args: argparse.Namespace) -> list[str]:
+    vocab = _list(args.vocab)
+    if args.vocab_file:
+        p = Path(args.vocab_file)
+        if not p.is_file():
+            raise CommandError(f"--vocab-file {p} does not exist", EXIT_MISSING)
+        vocab += [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return vocab
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from ._io import write_json
+
+    run = _open(args)
+    vocab = _vocab(args)
+    if not vocab:
+        raise CommandError("label: give --vocab 'a,b,c' or --vocab-file FILE (one label per line)")
+    lens = run.lens()
+    labels = lens.label(vocab, threshold=args.threshold, layers=_list(args.layers) or None)
+    write_json(run.file("labels.json"), _clean({"vocabulary": vocab, "records": labels.to_records(), "run_id": run.id}))
+    run.record("label", vocabulary=vocab, run_id=run.id)
+    _emit(args, {"records": labels.to_records(), "counts": {n: labels.counts(n) for n in labels.layers}}, lambda: str(labels))
+    return EXIT_OK
+
+
+def _labels(run: Any) -> Any:
+    from ._io import read_json
+
+    f = run.file("labels.json")
+    if not f.exists():
+        return None
+    data = read_json(f)
+    if data.get("run_id") != run.id:
+        raise CommandError(f"{f} belongs to another run; run `semlens label --run {run.path} ...` again", EXIT_MISMATCH)
+    return data
+
+
+class _StoredLabels:
+    """labels.json as an object with ``.labels_for(layer)`` (what validate_concepts accepts)."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.by_layer: dict[str, dict[int, str]] = {}
+        for r in data["records"]:
+            if r["label"] != "unlabelled":
+                self.by_layer.setdefault(r["layer"], {})[int(r["component"])] = r["label"]
+
+    def labels_for(self, layer: str) -> dict[int, str]:
+        return self.by_layer.get(layer, {})
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from .workspace import compute_relevance
+
+    run = _open(args)
+    lens = run.lens()
+    layers = _list(args.layer) or lens.layers
+    rel = compute_relevance(run, args.target, layers, progress=not args.no_progress) if args.target is not None else None
+    stored = _labels(run)
+    out, texts = [], []
+    for n in layers:
+        s = lens.describe(n, relevance=rel, target=None, vocabulary=None)
+        if stored is not None:
+            counts: dict[str, int] = {}
+            for r in stored["records"]:
+                if r["layer"] == n:
+                    counts[r["label"]] = counts.get(r["label"], 0) + 1
+            s.label_counts = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            if s.top_relevant:
+                names = {int(r["component"]): r["label"] for r in stored["records"] if r["layer"] == n}
+                for row in s.top_relevant:
+                    row["label"] = names.get(row["component"], "")
+        out.append({"layer": n, "components": s.n_components, "without_examples": s.n_empty, "stats": s.stats,
+                    "label_counts": s.label_counts, "top_relevant": s.top_relevant})
+        texts.append(str(s))
+    _emit(args, out, lambda: "\n\n".join(texts))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .workspace import Run
+
+    run = _open(args)
+    lens = run.lens()
+    other = Run.open(args.other).lens() if args.other else lens
+    if args.other is None and not args.other_layers:
+        raise CommandError("compare: give --other RUN (another run folder) and/or --other-layers (compare layers of this run)")
+    vocab = _vocab(args) or None
+    res = lens.compare(other, layers=_list(args.layers) or None, other_layers=_list(args.other_layers) or None,
+                       threshold=args.threshold, vocabulary=vocab)
+    _emit(args, {"coverage_a": res.coverage_a, "coverage_b": res.coverage_b, "threshold": res.threshold,
+                 "a_match": res.a_match, "b_match": res.b_match, "concepts": res.concepts}, lambda: str(res))
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .workspace import compute_relevance, save_audit
+
+    run = _open(args)
+    valid, spurious = _list(args.valid), _list(args.spurious)
+    if not valid or not spurious:
+        raise CommandError("audit: give --valid and --spurious concepts (texts, or image:PATH)")
+    kinds = {i.startswith("image:") for i in valid + spurious}
+    if len(kinds) > 1:
+        raise CommandError("audit: --valid and --spurious mix texts and image:PATH probes; text and image embeddings "
+                           "are not on a comparable scale (modality gap), so use the same kind on both sides")
+    lens = run.lens()
+    layers = _list(args.layers) or lens.layers
+    rel = compute_relevance(run, args.target, layers, progress=not args.no_progress) if args.target is not None else None
+    report = lens.audit(_probes(run, valid, "--valid"), _probes(run, spurious, "--spurious"), relevance=rel,
+                        target=args.target, layers=layers, threshold=args.threshold, margin=args.margin)
+    save_audit(run, report)
+    _emit(args, {"flagged": report.flagged, "relevance_share": report.relevance_share,
+                 "n_components": len(report.components)}, lambda: str(report))
+    return EXIT_FLAGGED if (args.fail_on_flagged and report.flagged) else EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .validate import validate_concepts
+
+    run = _open(args)
+    stored = _labels(run)
+    keep = _list(args.keep)
+    if not keep:
+        raise CommandError("validate: give --keep LABEL[,LABEL] (the concepts the decision should rely on)")
+    if stored is None:
+        raise CommandError(f"validate needs labels; run `semlens label --run {run.path} --vocab ...` first", EXIT_MISSING)
+    ds = run.data()
+    n = min(len(ds), args.samples)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(ds), generator=g)[:n].sort().values.tolist()
+    sub = torch.utils.data.Subset(ds, idx)
+    res = validate_concepts(run.model(), args.layer, sub, keep, labels=_StoredLabels(stored),
+                            confidence=args.confidence, progress=not args.no_progress)
+    a3 = res.replaceability
+    _emit(args, {"layer": res.layer, "kept": res.kept, "ablated": res.ablated, "concepts": res.concepts,
+                 "n": a3.n, "successes": a3.successes, "epsilon": a3.epsilon, "confidence": a3.confidence,
+                 "counterexamples": [idx[i] for i in a3.counterexamples]}, lambda: str(res))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.from_run import build_report
+
+    run = _open(args)
+    path = build_report(run, args.out, progress=not args.no_progress)
+    _emit(args, {"report": str(path)}, f"report: {path}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise CommandError(f"benchmarks not found at {script}: `semlens bench` runs from a source checkout "
+                           "(git clone, then pip install -e .)", EXIT_MISSING)
+    env = dict(os.environ)
+    if args.scale is not None:
+        env["SEMLENS_BENCH_SCALE"] = str(args.scale)
+    r = subprocess.run([sys.executable, str(script), *args.suites], cwd=root, env=env)
+    if r.returncode == 0:
+        _emit(args, {"benchmarks": str(root / "BENCHMARKS.md")}, f"wrote {root / 'BENCHMARKS.md'}")
+    return EXIT_OK if r.returncode == 0 else EXIT_ERROR
+
+
+# ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="semlens",
-        description="semlens_fast: explain neural networks by mapping their components into a foundation model's space.",
+        description="semlens_fast: explain neural networks by mapping their components into a foundation model's "
+                    "space. Start with `semlens demo`; then every command works on the demo's run folder.",
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad arguments/input, 3 missing artifact or data, "
+               "4 artifacts that do not belong together, 5 audit --fail-on-flagged found components.",
     )
     p.add_argument("--version", action="version", version=f"semlens_fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="run the offline example: track top-k activating samples of a CNN layer")
-    d.add_argument("--k", type=int, default=5, help="examples kept per channel (default 5)")
-    d.add_argument("--channels", type=int, default=8, help="channels to print (default 8)")
-    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def add(name: str, help: str, fn: Callable, run: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if run:
+            sp.add_argument("--run", default=os.environ.get("SEMLENS_RUN", DEFAULT_RUN),
+                            help=f"run folder (default $SEMLENS_RUN or {DEFAULT_RUN})")
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    d = add("demo", "the offline demo: plant a stamp on one Fashion-MNIST class, train a CNN, find the channels "
+                    "that encode the stamp (collect, embed, label, search, audit with relevance) and write a report",
+            cmd_demo)
+    d.add_argument("--fresh", action="store_true", help="delete the run folder first (recompute everything)")
+    d.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    d.add_argument("--steps", type=int, default=800, help="training steps of the CNN (default 800)")
+
+    c = add("collect", "track the top-k most-activating samples of every component of some layers", cmd_collect)
+    c.add_argument("--model", required=True, help="package.module:function returning the nn.Module")
+    c.add_argument("--data", required=True, help="fashion-mnist, fashion-mnist-test, digits, or package.module:function "
+                                                  "returning a dataset (ds[i] is an input or (input, label))")
+    c.add_argument("--layers", action="append", required=True, help="layer names (model.named_modules()), comma-separated")
+    c.add_argument("--k", type=int, default=20, help="examples per component (default 20)")
+    c.add_argument("--pool", default="max", choices=["max", "mean", "absmax", "sum"], help="spatial/token pooling")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints (a killed run resumes)")
+    c.add_argument("--overwrite", action="store_true", help="replace a top-k store of another model/data/k")
+
+    e = add("embed", "embed each component's top examples with a foundation model (the ConceptDB)", cmd_embed)
+    e.add_argument("--fm", default="aligned", help="vision[:SIZE] (MobileNetV2, image probes only), aligned (the demo's "
+                                                  "vision->text map), openclip:ARCH[:PRETRAINED|CHECKPOINT] (default aligned)")
+    e.add_argument("--mode", default="activation", choices=["full", "activation"], help="whole images or activation crops")
+    e.add_argument("--layers", action="append", help="layers (default: all collected)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")
+
+    s = add("search", "find the components closest to a text or an image", cmd_search)
+    s.add_argument("query", nargs="*", help="text queries")
+    s.add_argument("--image", action="append", help="image file(s) as probes")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--layers", action="append")
+    s.add_argument("--per-layer", action="store_true", help="rank within each layer")
+
+    lb = add("label", "label every component with the closest concept of a vocabulary", cmd_label)
+    lb.add_argument("--vocab", action="append", help="labels, comma-separated")
+    lb.add_argument("--vocab-file", help="file with one label per line")
+    lb.add_argument("--threshold", type=float, default=None, help="leave components below this score unlabelled")
+    lb.add_argument("--layers", action="append")
+
+    ds = add("describe", "summarise layers: labels, clarity, polysemanticity, redundancy, most relevant components",
+             cmd_describe)
+    ds.add_argument("--layer", action="append", help="layers (default all)")
+    ds.add_argument("--target", type=int, help="class index: list the components most relevant for it")
+
+    cp = add("compare", "concepts shared and unique between two runs (or two layers of one run)", cmd_compare)
+    cp.add_argument("--other", help="the other run folder (same foundation model)")
+    cp.add_argument("--layers", action="append")
+    cp.add_argument("--other-layers", action="append")
+    cp.add_argument("--threshold", type=float, default=0.8, help="match score that counts as shared (default 0.8)")
+    cp.add_argument("--vocab", action="append", help="also compare label counts over this vocabulary")
+    cp.add_argument("--vocab-file")
+
+    au = add("audit", "flag components aligned with spurious rather than valid concepts, with their relevance", cmd_audit)
+    au.add_argument("--valid", action="append", help="valid concepts: texts or image:PATH, comma-separated")
+    au.add_argument("--spurious", action="append", help="spurious concepts: texts or image:PATH")
+    au.add_argument("--target", type=int, help="class index: add each component's relevance for it (DLBacktrace rules)")
+    au.add_argument("--layers", action="append")
+    au.add_argument("--threshold", type=float, default=0.0)
+    au.add_argument("--margin", type=float, default=0.0)
+    au.add_argument("--fail-on-flagged", action="store_true", help="exit 5 when components are flagged")
+
+    v = add("validate", "test 'the decision at LAYER relies only on components labelled KEEP' (axiom A3 bound)",
+            cmd_validate)
+    v.add_argument("--layer", required=True)
+    v.add_argument("--keep", action="append", help="labels to keep (the rest is mean-ablated)")
+    v.add_argument("--samples", type=int, default=2000, help="samples tested (default 2000)")
+    v.add_argument("--confidence", type=float, default=0.95)
+
+    r = add("report", "write the HTML report of a run (grids, labels, audit, search results, concept map)", cmd_report)
+    r.add_argument("--out", help="output folder (default RUN/report)")
+
+    b = add("bench", "run the benchmark suites side by side with the peers and rewrite BENCHMARKS.md", cmd_bench,
+            run=False)
+    b.add_argument("suites", nargs="*", help="suite files, e.g. bench_topk.py (default all)")
+    b.add_argument("--scale", type=float, help="SEMLENS_BENCH_SCALE: shrink the problem sizes (e.g. 0.1)")
     return p
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    """The exit code of a known error, None for an unexpected one."""
+    from .errors import ArgumentError, DTypeError, SemlensError, StoreError
+
+    if isinstance(exc, CommandError):
+        return exc.code
+    from .workspace import MissingArtifactError
+
+    if isinstance(exc, MissingArtifactError):
+        return EXIT_MISSING
+    if isinstance(exc, StoreError):
+        return EXIT_MISMATCH
+    if isinstance(exc, (ArgumentError, DTypeError)):
+        return EXIT_ARGS
+    if isinstance(exc, SemlensError):
+        return EXIT_ERROR
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # model-loading bars of transformers
     if args.command is None:
         parser.print_help()
-        return 0
-    if args.command == "demo":
-        from .demo import topk_example
-
-        return topk_example(k=args.k, show=args.channels, progress=not args.no_progress)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+        return EXIT_OK
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        print("semlens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line unless --debug
+        if args.debug:
+            raise
+        code = _exit_code(exc)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if code is None:
+            print(f"semlens {args.command}: unexpected error: {type(exc).__name__}: {msg} "
+                  "(rerun with --debug for the traceback)", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"semlens {args.command}: error: {msg}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

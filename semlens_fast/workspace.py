@@ -205,6 +205,10 @@ class Run:
 
             kind = spec["kind"]
             if kind == "fashion-mnist":
+                if not D.fashion_mnist_available():
+                    raise MissingArtifactError(
+                        "Fashion-MNIST is not installed: run `apt-get install dataset-fashion-mnist` (Debian) or set "
+                        "SEMLENS_FASHION_MNIST to a folder with its IDX files, or use --data digits")
                 ds = D.fashion_mnist(spec.get("split", "train"), fallback=False)
             elif kind == "digits":
                 ds = D.digits(spec.get("split", "train"))
