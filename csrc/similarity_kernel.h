@@ -3,13 +3,19 @@
 // and SLF_NS, includes its headers, switches the compiler target, then includes this.
 //
 // Work split: threads take chunks of 2048 database rows on demand and keep their own
-// top-K list per query (no locks); the lists are merged at the end. A thread walks its
-// range in blocks of RB rows that stay in L2 (converted to float32 first when stored as
-// fp16/bf16; their inverse norms are computed in the same pass), and for each group of
-// 4 queries (L1-resident) runs a 4 x 3 register-blocked dot-product micro-kernel over
-// triples of rows: 12 accumulators, 7 loads per 12 FMAs. With int16 queries (q16) the
-// rows are quantised per block instead and a 4 x 2 int16 kernel (vpmaddwd) runs. A score below the query's
-// current K-th score costs one compare; only candidates reach the insertion.
+// top-K list per query (no locks); the lists are merged at the end. Three paths:
+//  * 1..8 queries (float32, fused): every row is read once, straight from its storage,
+//    and its dots and squared norm come from the same pass; bandwidth-bound.
+//  * int16 queries (q16, from 9 queries on): a thread walks its range in blocks of RB
+//    rows that stay in L2, quantised to int16 row by row (norm, then scale by the
+//    inverse norm), and runs every group of 6 queries (L1-resident) over the block with
+//    a 6 x 2 vpmaddwd micro-kernel (AVX2; the remainder and the other SIMD levels use
+//    the generic 4 x 2 / 4 x 3 ones). Rows and queries are zero-padded to a multiple of 16.
+//  * otherwise (more queries, int16 disabled) float32 blocks (converted first when stored
+//    as fp16/bf16) and a 4 x 3 register-blocked FMA micro-kernel: 12 accumulators, 7
+//    loads per 12 FMAs.
+// A score below the query's current K-th score costs one compare (AVX2 int16: one vector
+// compare for 12 scores); only candidates reach the insertion.
 
 namespace SLF_NS {
 using namespace slf;
@@ -188,6 +194,80 @@ static inline void micro16_42(const int16_t* q, int64_t d, const int16_t* x0, co
         }
     }
 }
+
+// The main int16 tile, 6 queries x 2 rows: per 16 components 2 row loads feed 12
+// vpmaddwd (each query read from L1 as the memory operand, twice) + 12 vpaddd; the 4 x 2
+// kernel above does 8. All 16 ymm registers are used (12 accumulators, 2 rows, 2 madd
+// temporaries; a register-held query with one temporary measured a few % slower, the
+// fewer instructions of the load-op form win). Zen 3 issues vpmaddwd on two pipes and
+// vpaddd on all four, so the loop is bound by those 24 vector ops. Pointers are passed at
+// their row ends and the byte index counts up from -2*dp to 0 (one add + jnz per
+// iteration). dp must be a positive multiple of 16 (rows and queries are zero-padded).
+// The 12 sums come back reduced: s8 = (q0r0, q0r1, q1r0, q1r1, q2r0, q2r1, q3r0, q3r1),
+// s4 = (q4r0, q4r1, q5r0, q5r1).
+static inline void micro16_62(const int16_t* q, int64_t dp, const int16_t* x0, const int16_t* x1,
+                              __m256i* s8, __m128i* s4) {
+    __m256i a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11;  // zeroed in the asm (operand limit)
+    __m256i t0, t1, r0, r1;
+    int64_t i = -2 * dp;
+    const int16_t *e0 = x0 + dp, *e1 = x1 + dp, *f0 = q + dp, *f1 = q + 2 * dp, *f2 = q + 3 * dp,
+                  *f3 = q + 4 * dp, *f4 = q + 5 * dp, *f5 = q + 6 * dp;
+    __asm__ volatile(
+        "vpxor %[a0], %[a0], %[a0]\n\t"
+        "vpxor %[a1], %[a1], %[a1]\n\t"
+        "vpxor %[a2], %[a2], %[a2]\n\t"
+        "vpxor %[a3], %[a3], %[a3]\n\t"
+        "vpxor %[a4], %[a4], %[a4]\n\t"
+        "vpxor %[a5], %[a5], %[a5]\n\t"
+        "vpxor %[a6], %[a6], %[a6]\n\t"
+        "vpxor %[a7], %[a7], %[a7]\n\t"
+        "vpxor %[a8], %[a8], %[a8]\n\t"
+        "vpxor %[a9], %[a9], %[a9]\n\t"
+        "vpxor %[a10], %[a10], %[a10]\n\t"
+        "vpxor %[a11], %[a11], %[a11]\n\t"
+        "1:\n\t"
+        "vmovdqu (%[e0],%[i]), %[r0]\n\t"
+        "vmovdqu (%[e1],%[i]), %[r1]\n\t"
+        "vpmaddwd (%[f0],%[i]), %[r0], %[t0]\n\t"
+        "vpmaddwd (%[f0],%[i]), %[r1], %[t1]\n\t"
+        "vpaddd %[t0], %[a0], %[a0]\n\t"
+        "vpaddd %[t1], %[a1], %[a1]\n\t"
+        "vpmaddwd (%[f1],%[i]), %[r0], %[t0]\n\t"
+        "vpmaddwd (%[f1],%[i]), %[r1], %[t1]\n\t"
+        "vpaddd %[t0], %[a2], %[a2]\n\t"
+        "vpaddd %[t1], %[a3], %[a3]\n\t"
+        "vpmaddwd (%[f2],%[i]), %[r0], %[t0]\n\t"
+        "vpmaddwd (%[f2],%[i]), %[r1], %[t1]\n\t"
+        "vpaddd %[t0], %[a4], %[a4]\n\t"
+        "vpaddd %[t1], %[a5], %[a5]\n\t"
+        "vpmaddwd (%[f3],%[i]), %[r0], %[t0]\n\t"
+        "vpmaddwd (%[f3],%[i]), %[r1], %[t1]\n\t"
+        "vpaddd %[t0], %[a6], %[a6]\n\t"
+        "vpaddd %[t1], %[a7], %[a7]\n\t"
+        "vpmaddwd (%[f4],%[i]), %[r0], %[t0]\n\t"
+        "vpmaddwd (%[f4],%[i]), %[r1], %[t1]\n\t"
+        "vpaddd %[t0], %[a8], %[a8]\n\t"
+        "vpaddd %[t1], %[a9], %[a9]\n\t"
+        "vpmaddwd (%[f5],%[i]), %[r0], %[t0]\n\t"
+        "vpmaddwd (%[f5],%[i]), %[r1], %[t1]\n\t"
+        "vpaddd %[t0], %[a10], %[a10]\n\t"
+        "vpaddd %[t1], %[a11], %[a11]\n\t"
+        "add $32, %[i]\n\t"
+        "jnz 1b\n\t"
+        : [a0] "=&x"(a0), [a1] "=&x"(a1), [a2] "=&x"(a2), [a3] "=&x"(a3), [a4] "=&x"(a4), [a5] "=&x"(a5),
+          [a6] "=&x"(a6), [a7] "=&x"(a7), [a8] "=&x"(a8), [a9] "=&x"(a9), [a10] "=&x"(a10), [a11] "=&x"(a11),
+          [t0] "=&x"(t0), [t1] "=&x"(t1), [r0] "=&x"(r0), [r1] "=&x"(r1), [i] "+r"(i)
+        : [e0] "r"(e0), [e1] "r"(e1), [f0] "r"(f0), [f1] "r"(f1), [f2] "r"(f2), [f3] "r"(f3), [f4] "r"(f4),
+          [f5] "r"(f5)
+        : "cc", "memory");
+    // horizontal sums, 8 at a time: hadd pairs lanes within 128-bit halves; after two
+    // levels each half holds the partial sums of 4 accumulators, added across halves
+    const __m256i g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    const __m256i g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a4, a5), _mm256_hadd_epi32(a6, a7));
+    *s8 = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
+    const __m256i g2 = _mm256_hadd_epi32(_mm256_hadd_epi32(a8, a9), _mm256_hadd_epi32(a10, a11));
+    *s4 = _mm_add_epi32(_mm256_castsi256_si128(g2), _mm256_extracti128_si256(g2, 1));
+}
 #endif
 
 typedef void (*Micro16Fn)(const int16_t*, int64_t, const int16_t*, const int16_t*, const int16_t*, int32_t[4][3]);
@@ -202,16 +282,56 @@ static Micro16Fn micro16_table(int mq, int mr) {
     return t[mq - 1][mr - 1];
 }
 
-// Quantise the block's rows (already normed: inv[r]) to int16 into qbuf [nr, d].
+// record a row whose squared norm is not finite (NaN/inf values, or overflow)
+static void note_bad(const SimArgs& a, int64_t id) {
+#pragma omp critical(slf_sim_bad)
+    {
+        if (*a.n_bad < a.max_bad) a.bad[*a.n_bad] = id;
+        *a.n_bad += 1;
+    }
+}
+
+// float32 squared norm of one row; four independent accumulators so the FMA latency
+// (4 cycles) does not bound the loop. Any summation order is covered by the error bound.
 template <int DT>
-static void quantise_block(const SimArgs& a, int64_t r0, int64_t nr, const float* inv, int16_t* qbuf) {
+static inline float sqnorm(const typename In<DT>::T* src, int64_t d) {
+    int64_t i = 0;
+    float ss = 0.0f;
+#if SLF_LEVEL > 0
+    VF n0 = vzero(), n1 = vzero(), n2 = vzero(), n3 = vzero();
+    for (; i + 4 * W <= d; i += 4 * W) {
+        const VF v0 = vload_dt<DT>(src + i), v1 = vload_dt<DT>(src + i + W);
+        const VF v2 = vload_dt<DT>(src + i + 2 * W), v3 = vload_dt<DT>(src + i + 3 * W);
+        n0 = vfma(v0, v0, n0); n1 = vfma(v1, v1, n1); n2 = vfma(v2, v2, n2); n3 = vfma(v3, v3, n3);
+    }
+    for (; i + W <= d; i += W) { const VF v = vload_dt<DT>(src + i); n0 = vfma(v, v, n0); }
+    ss = hsum(n0) + hsum(n1) + (hsum(n2) + hsum(n3));
+#endif
+    for (; i < d; ++i) { const float v = In<DT>::get(src + i); ss += v * v; }
+    return ss;
+}
+
+// int16 mode: quantise the rows [r0, r0 + nr) into qbuf [nr, dp] (zero-padded to dp),
+// one row at a time: its norm (the row comes from memory) and then its quantisation
+// (the row is still in L1). fac[r] = 2^-30, the scale of the int32 dot products, or
+// NaN for a row whose norm is not finite (its scores become NaN and are never kept).
+template <int DT>
+static void quantise_rows(const SimArgs& a, int64_t r0, int64_t nr, int64_t dp, int16_t* qbuf, float* fac) {
     using T = typename In<DT>::T;
     const T* x = static_cast<const T*>(a.x);
     const int64_t d = a.d;
     for (int64_t r = 0; r < nr; ++r) {
         const T* src = x + (r0 + r) * a.xs;
-        int16_t* dst = qbuf + r * d;
-        const float sc = (inv[r] == inv[r]) ? inv[r] * 32768.0f : 0.0f;
+        int16_t* dst = qbuf + r * dp;
+        const float ss = sqnorm<DT>(src, d);
+        float sc = 0.0f;
+        if (!std::isfinite(ss)) {
+            note_bad(a, r0 + r);
+            fac[r] = std::numeric_limits<float>::quiet_NaN();
+        } else {
+            sc = ss > 0.0f ? (1.0f / std::sqrt(ss)) * 32768.0f : 0.0f;
+            fac[r] = 9.313225746154785e-10f;  // 2^-30
+        }
         int64_t i = 0;
 #if SLF_LEVEL > 0
         const VF vs = vset1(sc);
@@ -219,6 +339,7 @@ static void quantise_block(const SimArgs& a, int64_t r0, int64_t nr, const float
             quant_store(dst + i, vmul(vload_dt<DT>(src + i), vs), vmul(vload_dt<DT>(src + i + W), vs));
 #endif
         for (; i < d; ++i) dst[i] = quant1(In<DT>::get(src + i) * sc);
+        for (; i < dp; ++i) dst[i] = 0;
     }
 }
 
@@ -265,56 +386,56 @@ static MicroFn micro_table(int mq, int mr) {
     return t[mq - 1][mr - 1];
 }
 
-// Small Q (1..3 queries): dots and squared norms of 2 rows in one pass straight from the
+// Small Q (1..8 queries): dots and squared norm of one row in one pass straight from the
 // storage (no conversion buffer, no separate norm pass): the scan is bandwidth-bound.
-template <int DT, int MQ, int MR>
-static void micro_fused(const float* __restrict q, int64_t d, const typename In<DT>::T* __restrict x0,
-                        const typename In<DT>::T* __restrict x1, float out[4][3], float ss[3]) {
-    VF acc[MQ][MR];
-    VF nrm[MR];
-    for (int b = 0; b < MR; ++b) {
-        nrm[b] = vzero();
-        for (int a = 0; a < MQ; ++a) acc[a][b] = vzero();
+// One row at a time keeps the reads a single sequential stream: two interleaved row
+// streams (the previous 1 x 2 kernel) reached only ~10 GB/s per thread against ~18 for
+// one stream (likely the hardware prefetcher retraining at each 4 KiB page; software
+// prefetching did not help). With 1..3 queries two sets of accumulators (even / odd
+// vectors) hide the FMA latency; from 4 queries on there are enough chains already.
+template <int DT, int MQ>
+static void micro_fused(const float* __restrict q, int64_t d, const typename In<DT>::T* __restrict x,
+                        float out[8], float* ss) {
+    constexpr int U = MQ <= 3 ? 2 : 1;
+    VF acc[U][MQ], nrm[U];
+    for (int u = 0; u < U; ++u) {
+        nrm[u] = vzero();
+        for (int a = 0; a < MQ; ++a) acc[u][a] = vzero();
     }
-    const typename In<DT>::T* xr[2] = {x0, x1};
-    const int64_t dv = d - d % W;
-    for (int64_t i = 0; i < dv; i += W) {
-        VF xv[MR];
+    int64_t i = 0;
+    for (; i + U * W <= d; i += U * W) {
 #pragma GCC unroll 2
-        for (int b = 0; b < MR; ++b) {
-            xv[b] = vload_dt<DT>(xr[b] + i);
-            nrm[b] = vfma(xv[b], xv[b], nrm[b]);
-        }
-#pragma GCC unroll 3
-        for (int a = 0; a < MQ; ++a) {
-            VF qv = vload(q + a * d + i);
-#pragma GCC unroll 2
-            for (int b = 0; b < MR; ++b) acc[a][b] = vfma(qv, xv[b], acc[a][b]);
+        for (int u = 0; u < U; ++u) {
+            const VF v = vload_dt<DT>(x + i + u * W);
+            nrm[u] = vfma(v, v, nrm[u]);
+#pragma GCC unroll 8
+            for (int a = 0; a < MQ; ++a) acc[u][a] = vfma(vload(q + a * d + i + u * W), v, acc[u][a]);
         }
     }
-    for (int b = 0; b < MR; ++b) {
-        float n = hsum(nrm[b]);
-        for (int64_t i = dv; i < d; ++i) { float v = In<DT>::get(xr[b] + i); n += v * v; }
-        ss[b] = n;
-        for (int a = 0; a < MQ; ++a) {
-            float s = hsum(acc[a][b]);
-            for (int64_t i = dv; i < d; ++i) s += q[a * d + i] * In<DT>::get(xr[b] + i);
-            out[a][b] = s;
-        }
+    const int64_t iv = i;
+    float n = 0.0f;
+    for (int u = 0; u < U; ++u) n += hsum(nrm[u]);
+    for (; i < d; ++i) { const float v = In<DT>::get(x + i); n += v * v; }
+    *ss = n;
+    for (int a = 0; a < MQ; ++a) {
+        float s = 0.0f;
+        for (int u = 0; u < U; ++u) s += hsum(acc[u][a]);
+        for (i = iv; i < d; ++i) s += q[a * d + i] * In<DT>::get(x + i);
+        out[a] = s;
     }
 }
 
-template <int DT>
-using FusedFn = void (*)(const float*, int64_t, const typename In<DT>::T*, const typename In<DT>::T*, float[4][3], float[3]);
+constexpr int FUSED_MAX_Q = 8;
 
 template <int DT>
-static FusedFn<DT> fused_table(int mq, int mr) {
-    static const FusedFn<DT> t[3][2] = {
-        {micro_fused<DT, 1, 1>, micro_fused<DT, 1, 2>},
-        {micro_fused<DT, 2, 1>, micro_fused<DT, 2, 2>},
-        {micro_fused<DT, 3, 1>, micro_fused<DT, 3, 2>},
-    };
-    return t[mq - 1][mr - 1];
+using FusedFn = void (*)(const float*, int64_t, const typename In<DT>::T*, float[8], float*);
+
+template <int DT>
+static FusedFn<DT> fused_table(int mq) {
+    static const FusedFn<DT> t[FUSED_MAX_Q] = {micro_fused<DT, 1>, micro_fused<DT, 2>, micro_fused<DT, 3>,
+                                               micro_fused<DT, 4>, micro_fused<DT, 5>, micro_fused<DT, 6>,
+                                               micro_fused<DT, 7>, micro_fused<DT, 8>};
+    return t[mq - 1];
 }
 
 // Block of rows as float32 (converted into buf unless already float32) + inverse norms.
@@ -322,12 +443,12 @@ static FusedFn<DT> fused_table(int mq, int mr) {
 // a row whose squared norm is not finite).
 template <int DT>
 static const float* prepare_block(const SimArgs& a, int64_t r0, int64_t nr, float* buf, float* inv,
-                                  int64_t* stride, bool norms_only) {
+                                  int64_t* stride) {
     using T = typename In<DT>::T;
     const T* x = static_cast<const T*>(a.x);
     const int64_t d = a.d;
     const int64_t dv = d - d % W;
-    const bool direct = (DT == F32) || norms_only;
+    const bool direct = DT == F32;
     for (int64_t r = 0; r < nr; ++r) {
         const T* src = x + (r0 + r) * a.xs;
         float* dst = buf + r * d;
@@ -345,16 +466,11 @@ static const float* prepare_block(const SimArgs& a, int64_t r0, int64_t nr, floa
         }
         if (!std::isfinite(ss)) {
             inv[r] = std::numeric_limits<float>::quiet_NaN();
-#pragma omp critical(slf_sim_bad)
-            {
-                if (*a.n_bad < a.max_bad) a.bad[*a.n_bad] = r0 + r;
-                *a.n_bad += 1;
-            }
+            note_bad(a, r0 + r);
         } else {
             inv[r] = ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
         }
     }
-    if (norms_only) return nullptr;
     if (direct) {
         *stride = a.xs;
         return reinterpret_cast<const float*>(x) + r0 * a.xs;
@@ -369,117 +485,152 @@ static inline void insert(float* v, int64_t* ids, int64_t K, float s, int64_t id
     insert_entry(v, ids, nullptr, K, s, id, 0);
 }
 
+// Offer the approximate score s of row id to query qi: one compare unless it beats the
+// query's current K-th score (thr[qi]); NaN (non-finite rows) never passes.
+static inline void offer(const SimArgs& a, int64_t qi, int64_t id, float s, float* tv, int64_t* ti, float* thr) {
+    if (!(s >= thr[qi])) return;
+    if (a.excl != nullptr) {
+        bool skip = false;
+        for (int64_t j = 0; j < a.m; ++j) skip |= (a.excl[qi * a.m + j] == id);
+        if (skip) return;
+    }
+    const int64_t K = a.K;
+    insert(tv + qi * K, ti + qi * K, K, s, id);
+    thr[qi] = tv[qi * K + K - 1];
+}
+
+static inline int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
+
+// int16 tile of mq <= 4 queries (from qg) x mr <= 3 block rows (from r), generic kernels.
+static void tile16(const SimArgs& a, int64_t dp, int64_t qg, int mq, const int16_t* qbuf, int64_t r, int mr,
+                   const float* fac, int64_t rb, float* tv, int64_t* ti, float* thr) {
+    int32_t o[4][3];
+    const int16_t* qp = a.q16 + qg * dp;
+    const int16_t* x0 = qbuf + r * dp;
+    const int16_t* x1 = mr > 1 ? x0 + dp : x0;
+    const int16_t* x2 = mr > 2 ? x0 + 2 * dp : x0;
+#if SLF_LEVEL == 1
+    if (mq == 4 && mr == 2) micro16_42(qp, dp, x0, x1, o);
+    else
+#endif
+        micro16_table(mq, mr)(qp, dp, x0, x1, x2, o);
+    for (int qq = 0; qq < mq; ++qq)
+        for (int rr = 0; rr < mr; ++rr)
+            offer(a, qg + qq, rb + r + rr, static_cast<float>(o[qq][rr]) * fac[r + rr], tv, ti, thr);
+}
+
+// int16 mode, one block of rows [rb, rb + nr): quantise it, then run every query group
+// over it (queries L1-resident, the block L2-resident).
+template <int DT>
+static void block16(const SimArgs& a, int64_t rb, int64_t nr, int16_t* qbuf, float* fac, float* tv, int64_t* ti,
+                    float* thr) {
+    const int64_t Q = a.Q, dp = pad16(a.d);
+    quantise_rows<DT>(a, rb, nr, dp, qbuf, fac);
+    int64_t qg = 0;
+#if SLF_LEVEL == 1
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    for (; dp > 0 && qg + 6 <= Q; qg += 6) {
+        const int16_t* qp = a.q16 + qg * dp;
+        int64_t r = 0;
+        for (; r + 2 <= nr; r += 2) {
+            __m256i s8;
+            __m128i s4;
+            micro16_62(qp, dp, qbuf + r * dp, qbuf + (r + 1) * dp, &s8, &s4);
+            // scores (exact int32 dots x 2^-30, or NaN for a non-finite row), compared with
+            // the 6 thresholds at once; only lanes that pass take the scalar path
+            double f2;
+            std::memcpy(&f2, fac + r, sizeof f2);  // (fac[r], fac[r + 1])
+            const __m256 fr = _mm256_castpd_ps(_mm256_set1_pd(f2));
+            const __m256 v8 = _mm256_mul_ps(_mm256_cvtepi32_ps(s8), fr);
+            const __m128 v4 = _mm_mul_ps(_mm_cvtepi32_ps(s4), _mm256_castps256_ps128(fr));
+            const __m256 t8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(thr + qg)), dup);
+            const __m128 t4 = _mm_setr_ps(thr[qg + 4], thr[qg + 4], thr[qg + 5], thr[qg + 5]);
+            unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v8, t8, _CMP_GE_OQ))) |
+                         (static_cast<unsigned>(_mm_movemask_ps(_mm_cmp_ps(v4, t4, _CMP_GE_OQ))) << 8);
+            if (m == 0) continue;
+            alignas(32) float v[12];
+            _mm256_store_ps(v, v8);
+            _mm_store_ps(v + 8, v4);
+            for (; m != 0; m &= m - 1) {  // lane b: query qg + b / 2, row r + b % 2
+                const int b = __builtin_ctz(m);
+                offer(a, qg + b / 2, rb + r + (b & 1), v[b], tv, ti, thr);
+            }
+        }
+        if (r < nr) {  // odd last row
+            tile16(a, dp, qg, 4, qbuf, r, 1, fac, rb, tv, ti, thr);
+            tile16(a, dp, qg + 4, 2, qbuf, r, 1, fac, rb, tv, ti, thr);
+        }
+    }
+#endif
+    for (; qg < Q; qg += 4) {
+        const int mq = static_cast<int>((Q - qg) < 4 ? (Q - qg) : 4);
+        for (int64_t r = 0; r < nr; r += 2)
+            tile16(a, dp, qg, mq, qbuf, r, static_cast<int>((nr - r) < 2 ? (nr - r) : 2), fac, rb, tv, ti, thr);
+    }
+}
+
 template <int DT>
 static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int64_t* ti) {
     const int64_t d = a.d, Q = a.Q, K = a.K;
     const bool i16 = a.q16 != nullptr;
-    const bool fused = !i16 && Q <= 3;  // small Q: one bandwidth-bound pass, no buffers
-    // bytes of one row block (tuning knob SEMLENS_SIM_BLOCK_BYTES; default 128 KiB: two
-    // blocks still fit one L2 when the two threads are SMT siblings)
+    const bool fused = !i16 && Q <= FUSED_MAX_Q;  // small Q: one bandwidth-bound pass, no buffers
+    // bytes of one row block (tuning knob SEMLENS_SIM_BLOCK_BYTES; default 128 KiB, a
+    // quarter of this CPU's 512 KiB L2)
     static const int64_t rb_bytes = std::getenv("SEMLENS_SIM_BLOCK_BYTES") != nullptr
                                         ? std::max<int64_t>(1024, std::atoll(std::getenv("SEMLENS_SIM_BLOCK_BYTES")))
                                         : 131072;
-    int64_t RB = (rb_bytes / ((i16 ? 2 : 4) * (d > 0 ? d : 1))) / 6 * 6;
+    const int64_t dp = pad16(d);
+    int64_t RB = (rb_bytes / ((i16 ? 2 : 4) * (dp > 0 ? dp : 1))) / 6 * 6;
     if (RB < 6) RB = 6;
     if (RB > 1020) RB = 1020;
-    float* buf = (DT == F32 || i16) ? nullptr : static_cast<float*>(std::malloc(sizeof(float) * RB * d + 64));
-    int16_t* qbuf = i16 ? static_cast<int16_t*>(std::malloc(sizeof(int16_t) * RB * d + 64)) : nullptr;
-    float* inv = static_cast<float*>(std::malloc(sizeof(float) * RB));
-    float* thr = static_cast<float*>(std::malloc(sizeof(float) * (Q > 0 ? Q : 1)));
+    float* buf = (DT == F32 || i16 || fused) ? nullptr : static_cast<float*>(std::malloc(sizeof(float) * RB * d + 64));
+    int16_t* qbuf = i16 ? static_cast<int16_t*>(std::malloc(sizeof(int16_t) * RB * dp + 64)) : nullptr;
+    float* inv = static_cast<float*>(std::malloc(sizeof(float) * (RB + 2)));
+    float* thr = static_cast<float*>(std::malloc(sizeof(float) * (Q + 8)));
     for (int64_t qi = 0; qi < Q; ++qi) thr[qi] = tv[qi * K + K - 1];
     float out[4][3];
-    int32_t out16[4][3];
-    const float scale16 = 9.313225746154785e-10f;  // 2^-30
     for (int64_t rb = r0; rb < r1; rb += RB) {
         const int64_t nr = (r1 - rb) < RB ? (r1 - rb) : RB;
-        int64_t xs = 0;
+        if (i16) {
+            block16<DT>(a, rb, nr, qbuf, inv, tv, ti, thr);
+            continue;
+        }
         if (fused) {
             using T = typename In<DT>::T;
             const T* x = static_cast<const T*>(a.x);
             const int mq = static_cast<int>(Q);
-            float ss[3];
-            for (int64_t r = 0; r < nr; r += 2) {
-                const int mr = static_cast<int>((nr - r) < 2 ? (nr - r) : 2);
-                const T* x0 = x + (rb + r) * a.xs;
-                const T* x1 = mr > 1 ? x0 + a.xs : x0;
-                fused_table<DT>(mq, mr)(a.q, d, x0, x1, out, ss);
-                for (int rr = 0; rr < mr; ++rr) {
-                    const int64_t id = rb + r + rr;
-                    float iv;
-                    if (!std::isfinite(ss[rr])) {
-                        iv = std::numeric_limits<float>::quiet_NaN();
-#pragma omp critical(slf_sim_bad)
-                        {
-                            if (*a.n_bad < a.max_bad) a.bad[*a.n_bad] = id;
-                            *a.n_bad += 1;
-                        }
-                    } else {
-                        iv = ss[rr] > 0.0f ? 1.0f / std::sqrt(ss[rr]) : 0.0f;
-                    }
-                    for (int qq = 0; qq < mq; ++qq) {
-                        const float sc = out[qq][rr] * iv;
-                        if (!(sc >= thr[qq])) continue;
-                        if (a.excl != nullptr) {
-                            bool skip = false;
-                            for (int64_t j = 0; j < a.m; ++j) skip |= (a.excl[qq * a.m + j] == id);
-                            if (skip) continue;
-                        }
-                        insert(tv + qq * K, ti + qq * K, K, sc, id);
-                        thr[qq] = tv[qq * K + K - 1];
-                    }
+            const FusedFn<DT> fn = fused_table<DT>(mq);
+            float o[8], ss;
+            for (int64_t r = 0; r < nr; ++r) {
+                const int64_t id = rb + r;
+                fn(a.q, d, x + id * a.xs, o, &ss);
+                float iv;
+                if (!std::isfinite(ss)) {
+                    iv = std::numeric_limits<float>::quiet_NaN();
+                    note_bad(a, id);
+                } else {
+                    iv = ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
                 }
+                for (int qq = 0; qq < mq; ++qq) offer(a, qq, id, o[qq] * iv, tv, ti, thr);
             }
             continue;
         }
-        const float* X = prepare_block<DT>(a, rb, nr, buf, inv, &xs, i16);
-        if (i16) quantise_block<DT>(a, rb, nr, inv, qbuf);
+        // float32 micro-kernel (4..7 queries, or int16 disabled)
+        int64_t xs = 0;
+        const float* X = prepare_block<DT>(a, rb, nr, buf, inv, &xs);
         for (int64_t qg = 0; qg < Q; qg += 4) {
             const int mq = static_cast<int>((Q - qg) < 4 ? (Q - qg) : 4);
-            // float32: 4 x 3 blocks (12 accumulators + 3 rows + 1 query = 16 registers);
-            // int16: 4 x 2 (madd needs a temporary: 8 + 2 + 1 + 1)
-            const int64_t RS = i16 ? 2 : 3;
-            for (int64_t r = 0; r < nr; r += RS) {
-                const int mr = static_cast<int>((nr - r) < RS ? (nr - r) : RS);
-                if (i16) {
-                    const int16_t* qp = a.q16 + qg * d;
-                    const int16_t* x0 = qbuf + r * d;
-                    const int16_t* x1 = mr > 1 ? x0 + d : x0;
-                    const int16_t* x2 = mr > 2 ? x0 + 2 * d : x0;
-#if SLF_LEVEL == 1
-                    if (mq == 4 && mr == 2) micro16_42(qp, d, x0, x1, out16);
-#else
-                    if (mq == 4 && mr == 2) micro16<4, 2>(qp, d, x0, x1, x2, out16);
-#endif
-                    else micro16_table(mq, mr)(qp, d, x0, x1, x2, out16);
-                    for (int qq = 0; qq < mq; ++qq)
-                        for (int rr = 0; rr < mr; ++rr)
-                            out[qq][rr] = (inv[r + rr] == inv[r + rr]) ? static_cast<float>(out16[qq][rr]) * scale16
-                                                                      : std::numeric_limits<float>::quiet_NaN();
-                } else {
-                    const float* qp = a.q + qg * d;
-                    const float* x0 = X + r * xs;
-                    const float* x1 = mr > 1 ? x0 + xs : x0;
-                    const float* x2 = mr > 2 ? x0 + 2 * xs : x0;
-                    if (mq == 4 && mr == 3) micro<4, 3>(qp, d, x0, x1, x2, out);
-                    else micro_table(mq, mr)(qp, d, x0, x1, x2, out);
-                    for (int qq = 0; qq < mq; ++qq)
-                        for (int rr = 0; rr < mr; ++rr) out[qq][rr] *= inv[r + rr];
-                }
-                for (int qq = 0; qq < mq; ++qq) {
-                    const int64_t qi = qg + qq;
-                    for (int rr = 0; rr < mr; ++rr) {
-                        const float s = out[qq][rr];
-                        if (!(s >= thr[qi])) continue;  // also drops NaN (non-finite rows)
-                        const int64_t id = rb + r + rr;
-                        if (a.excl != nullptr) {
-                            bool skip = false;
-                            for (int64_t j = 0; j < a.m; ++j) skip |= (a.excl[qi * a.m + j] == id);
-                            if (skip) continue;
-                        }
-                        insert(tv + qi * K, ti + qi * K, K, s, id);
-                        thr[qi] = tv[qi * K + K - 1];
-                    }
-                }
+            // 4 x 3 blocks (12 accumulators + 3 rows + 1 query = 16 registers)
+            for (int64_t r = 0; r < nr; r += 3) {
+                const int mr = static_cast<int>((nr - r) < 3 ? (nr - r) : 3);
+                const float* qp = a.q + qg * d;
+                const float* x0 = X + r * xs;
+                const float* x1 = mr > 1 ? x0 + xs : x0;
+                const float* x2 = mr > 2 ? x0 + 2 * xs : x0;
+                if (mq == 4 && mr == 3) micro<4, 3>(qp, d, x0, x1, x2, out);
+                else micro_table(mq, mr)(qp, d, x0, x1, x2, out);
+                for (int qq = 0; qq < mq; ++qq)
+                    for (int rr = 0; rr < mr; ++rr) offer(a, qg + qq, rb + r + rr, out[qq][rr] * inv[r + rr], tv, ti, thr);
             }
         }
     }
@@ -502,7 +653,7 @@ static void merge_lists(float* av, int64_t* ai, const float* bv, const int64_t* 
 }
 
 template <int DT>
-static void run(const SimArgs& a) {
+static void run_impl(const SimArgs& a) {
     const int64_t Q = a.Q, K = a.K, N = a.N;
     for (int64_t j = 0; j < Q * K; ++j) { a.vals[j] = -std::numeric_limits<float>::infinity(); a.ids[j] = -1; }
     *a.n_bad = 0;
@@ -547,6 +698,25 @@ static void run(const SimArgs& a) {
     }
     std::free(sv);
     std::free(si);
+}
+
+template <int DT>
+static void run(const SimArgs& args) {
+    SimArgs a = args;
+    int16_t* q16p = nullptr;
+    if (args.q16 != nullptr && args.Q > 0) {
+        // int16 queries zero-padded to a multiple of 16 components, like the quantised
+        // rows: the kernels then need no tail loops (zeros add nothing to the dots)
+        const int64_t d = args.d, dp = pad16(d);
+        q16p = static_cast<int16_t*>(std::malloc(sizeof(int16_t) * args.Q * dp + 64));
+        for (int64_t qi = 0; qi < args.Q; ++qi) {
+            std::memcpy(q16p + qi * dp, args.q16 + qi * d, sizeof(int16_t) * d);
+            std::memset(q16p + qi * dp + d, 0, sizeof(int16_t) * (dp - d));
+        }
+        a.q16 = q16p;
+    }
+    run_impl<DT>(a);
+    std::free(q16p);
 }
 
 void sim_candidates(const SimArgs& a) {

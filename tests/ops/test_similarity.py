@@ -153,6 +153,50 @@ def test_backend_equals_reference_random(backend, dtype, shape):
     assert bool((s[:, :-1] >= s[:, 1:]).all())
 
 
+# Query counts that exercise each C++ tile path: in float32 mode the fused one-row kernel
+# (1..8 queries; two accumulator sets up to 3) and the 4 x 3 float32 kernel (13); in int16
+# mode the generic int16 kernels (1, 3) and the AVX2 6 x 2 kernel with its remainder groups
+# (6, 8 = 6 + 2, 13 = 6 + 6 + 1). N is odd (last row pair incomplete), d is a multiple of
+# 16 or not (zero padding of the int16 rows and queries).
+@pytest.mark.parametrize("Q", [1, 3, 6, 8, 13])
+@pytest.mark.parametrize("d", [37, 48])
+def test_tile_paths_equal_reference(backend, Q, d):
+    g = torch.Generator().manual_seed(100 * Q + d)
+    # dyadic values: exact ties between rows, between queries and across the k-th place
+    vals = torch.tensor(VALUES)
+    x = vals[torch.randint(0, len(VALUES), (1001, d), generator=g)]
+    x[::7] = x[3]  # many duplicates of one row
+    x[10] = 0  # zero row
+    q = vals[torch.randint(0, len(VALUES), (Q, d), generator=g)]
+    q[-1] = x[3]  # a query equal to the duplicated row: >= 143 ties at the top
+    exclude = torch.randint(-1, 1001, (Q, 2), generator=g)
+    exclude[0, 0] = 3
+    for dtype in DTYPES:
+        for k in (1, 20):
+            for ex in (None, exclude):
+                s, i = cosine_topk(q.to(dtype), x.to(dtype), k, exclude=ex)
+                rs, ri = with_backend("reference", cosine_topk, q.to(dtype), x.to(dtype), k, exclude=ex)
+                assert torch.equal(i, ri)
+                assert torch.equal(s.view(torch.int32), rs.view(torch.int32))
+    # k > N and an empty db
+    s, i = cosine_topk(q, x[:5], 9)
+    rs, ri = with_backend("reference", cosine_topk, q, x[:5], 9)
+    assert torch.equal(i, ri) and torch.equal(s.view(torch.int32), rs.view(torch.int32))
+    assert i[:, 5:].eq(-1).all() and torch.isneginf(s[:, 5:]).all()
+    s, i = cosine_topk(q, x[:0], 3)
+    assert i.eq(-1).all() and torch.isneginf(s).all()
+
+
+@pytest.mark.parametrize("Q", [1, 3, 6, 13])
+def test_nonfinite_db_rows_every_tile_path(backend, Q):
+    x = torch.randn(2501, 40)
+    x[7, 2] = float("nan")
+    x[2500, 39] = float("-inf")
+    q = torch.randn(Q, 40)
+    with pytest.raises(ArgumentError, match=r"\[7, 2500\]"):
+        cosine_topk(q, x, 3)
+
+
 def test_fallback_with_massive_ties(backend):
     """Far more exact ties than the candidate margin: the certification must rerun them."""
     d = 16
