@@ -105,8 +105,8 @@ def _spec(value: str, what: str) -> dict[str, Any]:
     if what == "--data" and value in builtin:
         return builtin[value]
     if ":" not in value:
-        choices = ", ".join(builtin) + ", " if what == "--data" else ""
-        raise CommandError(f"{what} must be {choices}or package.module:function (called with no arguments), got {value!r}")
+        choices = ", ".join(builtin) + " or " if what == "--data" else ""
+        raise CommandError(f"{what} must be {choices}package.module:function (called with no arguments), got {value!r}")
     return {"kind": "factory", "target": value}
 
 
@@ -121,8 +121,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     model, ds = run.model(), run.data()
     if run.classes is None and getattr(ds, "classes", None):
         run.manifest["classes"] = list(ds.classes)
-    store = collect(model, ds, layers, k=args.k, pool=args.pool, batch_size=args.batch_size, store=run.topk_path,
-                    checkpoint_every=args.checkpoint_every, progress=not args.no_progress, overwrite=args.overwrite)
+    from .errors import StoreError
+
+    try:
+        store = collect(model, ds, layers, k=args.k, pool=args.pool, batch_size=args.batch_size, store=run.topk_path,
+                        checkpoint_every=args.checkpoint_every, progress=not args.no_progress, overwrite=args.overwrite)
+    except StoreError as exc:
+        msg = str(exc).replace("collect(..., overwrite=True)", "--overwrite")
+        raise CommandError(msg, EXIT_MISMATCH) from None
     run.record("collect", layers=layers, k=args.k, pool=args.pool, lists_sha256=store_digest(store), run_id=run.id)
     rows = [{"layer": n, "components": store[n].channels, "k": store[n].k,
              "filled": int((store[n].ids >= 0).sum()), "nan_excluded": int(store[n].nan_counts.sum())} for n in layers]
@@ -211,13 +217,18 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise CommandError("label: give --vocab 'a,b,c' or --vocab-file FILE (one label per line)")
     lens = run.lens()
     labels = lens.label(vocab, threshold=args.threshold, layers=_list(args.layers) or None)
-    write_json(run.file("labels.json"), _clean({"vocabulary": vocab, "records": labels.to_records(), "run_id": run.id}))
+    records = labels.to_records()
+    prev = _labels(run, strict=False)
+    if prev is not None:  # keep the labels of the layers not relabelled now
+        records = [r for r in prev["records"] if r["layer"] not in labels.layers] + records
+    write_json(run.file("labels.json"), _clean({"vocabulary": vocab, "records": records, "run_id": run.id}))
     run.record("label", vocabulary=vocab, run_id=run.id)
     _emit(args, {"records": labels.to_records(), "counts": {n: labels.counts(n) for n in labels.layers}}, lambda: str(labels))
     return EXIT_OK
 
 
-def _labels(run: Any) -> Any:
+def _labels(run: Any, strict: bool = True) -> Any:
+    """labels.json of this run (None if absent; another run's: an error, or None with strict=False)."""
     from ._io import read_json
 
     f = run.file("labels.json")
@@ -225,6 +236,8 @@ def _labels(run: Any) -> Any:
         return None
     data = read_json(f)
     if data.get("run_id") != run.id:
+        if not strict:
+            return None
         raise CommandError(f"{f} belongs to another run; run `semlens label --run {run.path} ...` again", EXIT_MISMATCH)
     return data
 
@@ -403,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = add("embed", "embed each component's top examples with a foundation model (the ConceptDB)", cmd_embed)
     e.add_argument("--fm", default="aligned", help="vision[:SIZE] (MobileNetV2, image probes only), aligned (the demo's "
-                                                  "vision->text map), openclip:ARCH[:PRETRAINED|CHECKPOINT] (default aligned)")
+                                                  "vision->text map), text (MiniLM, for text data), openclip:ARCH[:PRETRAINED|CHECKPOINT] "
+                                                  "(default aligned)")
     e.add_argument("--mode", default="activation", choices=["full", "activation"], help="whole images or activation crops")
     e.add_argument("--layers", action="append", help="layers (default: all collected)")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype")

@@ -25,6 +25,7 @@ file, then the manifest naming it). :meth:`ConceptDB.load` memory-maps the tenso
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import mmap
@@ -252,6 +253,14 @@ def store_fingerprint(store: Any, layers: Sequence[str], k: int | None = None) -
     fps = dict(getattr(store, "fingerprints", {}) or {})
     return {"model": fps.get("model"), "dataset": fps.get("dataset"), "pools": dict(getattr(store, "pools", {}) or {}),
             "lists_sha256": hash_tensors(items)}
+
+
+def cache_fingerprint(fm: Any, store: Any) -> str:
+    """Key of the :class:`EmbeddingCache` that :func:`build_concept_db` uses for ``store``: the
+    foundation model and the data set the store's ids index (the same id in another data set is
+    another image, so it must not hit the cache)."""
+    data_fp = json.dumps(dict(getattr(store, "fingerprints", {}) or {}).get("dataset"), sort_keys=True, default=str)
+    return hashlib.sha256(f"{fm.fingerprint}|{data_fp}".encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------- the DB
@@ -594,7 +603,7 @@ def build_concept_db(
         if ec.fingerprint != fm.fingerprint or ec.dim != fm.dim:
             raise StoreError("the EmbeddingCache given belongs to another foundation model")
     elif cache is not None:
-        ec = EmbeddingCache(cache, fm.fingerprint, fm.dim, kind=need)
+        ec = EmbeddingCache(cache, cache_fingerprint(fm, store), fm.dim, kind=need)
     else:
         ec = None
     if ec is not None:

@@ -71,6 +71,15 @@ class ImageDataset(Dataset):
         """All images normalised as ``[N, 1, H, W]`` float32 (a copy) and labels ``[N]``."""
         return (self.images.to(torch.float32).unsqueeze(1) / 255.0 - self.mean) / self.std, self.labels
 
+    def fingerprint(self) -> str:
+        """SHA-256 of all images, labels and the normalisation (what collect records)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.mean!r},{self.std!r},{tuple(self.images.shape)}".encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def subset(self, n: int) -> "ImageDataset":
         """The first ``n`` samples (views, no copy)."""
         return ImageDataset(self.images[:n], self.labels[:n], self.source, self.classes, self.mean, self.std)

@@ -249,7 +249,7 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
     rel = compute_relevance(run, cfg.target, cfg.layers, max_samples=cfg.relevance_samples, progress=progress)
     audit = lens.audit(valid=class_probes, spurious={"stamp (image probe)": p_img[0]}, relevance=rel,
                        target=cfg.target, layers=cfg.layers, top=cfg.k)
-    save_audit(run, audit)
+    save_audit(run, audit, source="demo")
     clock.done("analyse", "label, search (image probe + text), relevance for "
                           f"'{cname}' ({cfg.relevance_samples} images, DLBacktrace rules) and audit")
 

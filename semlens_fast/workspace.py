@@ -9,7 +9,7 @@ to this run)::
     RUN/topk/                    TopKStore                      (semlens collect)
     RUN/fm/aligned.safetensors   fitted map of an Aligned model (demo)
     RUN/concepts/                ConceptDB                      (semlens embed)
-    RUN/relevance/<target>.safetensors  per-layer channel relevance for one class (semlens audit)
+    RUN/relevance/class<T>.safetensors  per-layer channel relevance for one class (semlens audit)
     RUN/labels.json              last labels                    (semlens label)
     RUN/audit.json               last audit                     (semlens audit)
     RUN/findings.json            the demo's findings
@@ -290,8 +290,9 @@ class Run:
         self.require("embed", f"semlens embed --run {self.path} --fm ...")
         if "db" not in self._cache:
             db = ConceptDB.load(self.concepts_path)
+            store = self.store()
             try:
-                db.check_store(self.store())
+                db.check_store(store)
             except StoreError:
                 raise RunMismatchError(
                     f"{self.concepts_path} was built from another top-k store than {self.topk_path}; "
@@ -364,9 +365,9 @@ def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int
     return out
 
 
-def save_audit(run: Run, audit: Any) -> dict[str, Any]:
+def save_audit(run: Run, audit: Any, source: str = "semlens audit") -> dict[str, Any]:
     """Write an :class:`~semlens_fast.lens.AuditReport` to ``RUN/audit.json`` (what the report shows)."""
-    rec = {"run_id": run.id, "valid": audit.valid, "spurious": audit.spurious, "target": audit.target,
+    rec = {"run_id": run.id, "source": source, "valid": audit.valid, "spurious": audit.spurious, "target": audit.target,
            "relevance_share": audit.relevance_share, "flagged": audit.flagged, "components": audit.components}
     write_json(run.path / "audit.json", rec)
     run.record("audit", run_id=run.id, flagged=len(audit.flagged))

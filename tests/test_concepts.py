@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semlens_fast.concepts import ConceptDB, EmbeddingCache, aggregate, build_concept_db, mmap_safetensors
+from semlens_fast.concepts import (
+    ConceptDB, EmbeddingCache, aggregate, build_concept_db, cache_fingerprint, mmap_safetensors,
+)
 from semlens_fast.errors import ArgumentError, ShapeError, StoreError
 from semlens_fast.foundation import ModalityError
 from tests.test_concepts_shared import (
@@ -86,12 +88,27 @@ def test_cache_reuse_when_k_layers_or_mode_change(tmp_path):
     fm4 = TinyImageFM(seed=3)
     build_concept_db(st, fm4, X, cache=tmp_path / "c", progress=False)
     assert fm4.images_encoded == 10
-    c = EmbeddingCache(tmp_path / "c", fm.fingerprint, fm.dim)
+    key = cache_fingerprint(fm, st)
+    c = EmbeddingCache(tmp_path / "c", key, fm.dim)
     assert len(c) == 10
     c.compact()
-    assert len(EmbeddingCache(tmp_path / "c", fm.fingerprint, fm.dim)) == 10
+    assert len(EmbeddingCache(tmp_path / "c", key, fm.dim)) == 10
     with pytest.raises(ShapeError, match="dim"):
-        EmbeddingCache(tmp_path / "c", fm.fingerprint, 99)
+        EmbeddingCache(tmp_path / "c", key, 99)
+
+
+def test_cache_is_not_shared_across_data_sets(tmp_path):
+    """The same sample ids over other images must be embedded again, never served from the cache."""
+    X, Y = images(seed=0), images(seed=1)
+    st = make_store([[0, 1, 2]], fingerprints={"model": "m0", "dataset": {"sha256": "x"}})
+    fm = TinyImageFM()
+    a = build_concept_db(st, fm, X, cache=tmp_path / "c", progress=False)
+    st2 = make_store([[0, 1, 2]], fingerprints={"model": "m0", "dataset": {"sha256": "y"}})
+    fm2 = TinyImageFM()
+    b = build_concept_db(st2, fm2, Y, cache=tmp_path / "c", progress=False)
+    assert fm2.images_encoded == 3
+    assert torch.allclose(b["l"].embeddings[0], F.normalize(fm.encode_images(Y[:3]).mean(0), dim=0), atol=1e-5)
+    assert not torch.allclose(a["l"].embeddings, b["l"].embeddings)
 
 
 def test_save_load_mmap_and_path_reuse(tmp_path):

@@ -203,7 +203,7 @@ class FoundationModel:
             return (
                 f"{self.name} ({type(self).__name__}) is a vision-only foundation model: it cannot embed text "
                 "queries. For text search use a vision-language model: "
-                "Aligned(PackagedVision(), SentenceTransformerText()).fit(images, labels, class_names) offline, or "
+                "Aligned.fit(PackagedVision(), SentenceTransformerText(), images, labels, class_names) offline, or "
                 "OpenCLIP('ViT-B-32', pretrained='laion2b_s34b_b79k') with the weights available"
             )
         return (

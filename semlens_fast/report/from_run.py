@@ -145,8 +145,7 @@ def build_report(run: Any, out: str | Path | None = None, progress: bool = True)
     meta = {"run": str(run.path), "run id": run.id, "semlens_fast": __version__, "torch": torch.__version__,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "model": str(run.manifest["model"].get("kind")), "data": str(run.manifest["data"].get("kind"))}
-    emb = run.stage("embed") or {}
-    meta["foundation model"] = str(getattr(run.foundation(), "name", emb.get("fm")))
+    meta["foundation model"] = str(db.foundation.get("name", "?"))
     notes = ["Images are each component's top training examples (full images); labels are the nearest "
              "vocabulary concept in the foundation model's space."]
     if findings:
@@ -162,6 +161,9 @@ def build_report(run: Any, out: str | Path | None = None, progress: bool = True)
             f"Audit with an image probe of the stamp: {a['found']} components flagged, {a['true']} of them encode the mark "
             f"by ground truth (precision {a['precision']:.2f}, recall {a['recall']:.2f}).",
         ]
+        if audit and audit.get("source") != "demo":
+            summary.append(f"Note: the audit table below is the latest `semlens audit` (valid {audit.get('valid')}, "
+                           f"spurious {audit.get('spurious')}), not the demo's audit quoted above.")
         if a.get("relevance_share"):
             summary.append(f"Stamp-aligned components carry {a['relevance_share']['spurious']:.1%} of the positive "
                            f"relevance for '{tc}'.")

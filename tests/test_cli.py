@@ -1,0 +1,280 @@
+"""The ``semlens`` command end to end: the demo once (about a minute), then every command on
+its run folder, and the error paths (missing artifacts, artifacts of another run, bad input)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from semlens_fast import cli
+from semlens_fast._io import read_json, write_json
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The full demo into a fresh folder (the real pipeline, no shortcuts)."""
+    run = tmp_path_factory.mktemp("cli") / "demo"
+    code = cli.main(["demo", "--run", str(run), "--no-progress", "--json"])
+    assert code == 0
+    return run
+
+
+def test_demo_finds_the_stamp(demo):
+    f = read_json(demo / "findings.json")
+    m = f["model_metrics"]
+    # the model really relies on the stamp: stamped images of other classes become the target class
+    assert m["others_to_target_stamped"] > m["others_to_target_clean"] + 0.1
+    assert m["target_recall_stamped"] > m["target_recall_clean"]
+    assert f["mark_channels"], "no channel has mostly stamped top examples"
+    if f["data_source"] == "fashion-mnist":
+        # the audit and both searches find channels that truly encode the mark
+        assert f["audit"]["true"] >= 1 and f["audit"]["precision"] >= 0.5
+        assert f["search_image_probe"]["precision"] >= 0.5
+        assert f["search_text"]["precision"] >= 0.5
+        # flagged rows list the training images behind them, and those carry the stamp
+        from semlens_fast._io import read_tensors
+
+        mask = read_tensors(demo / "demo_mask.safetensors")["stamped"].bool()
+        true_rows = [r for r in f["audit"]["flagged"] if r["encodes_mark"]]
+        assert true_rows and all(mask[r["top_samples"]].float().mean() >= 0.5 for r in true_rows)
+        assert all(r["relevance"] is not None and r["relevance_rank"] >= 1 for r in f["audit"]["flagged"])
+    assert (demo / "report" / "index.html").exists()
+
+
+def test_demo_second_run_reuses_artifacts(demo, capsys):
+    before = {p: p.stat().st_mtime_ns for p in [demo / "model.safetensors", demo / "fm" / "aligned.safetensors"]}
+    db_files = sorted((demo / "concepts").glob("concepts-*.safetensors"))
+    code, out, _ = run_cli(capsys, "demo", "--run", demo, "--no-progress", "--no-report")
+    assert code == 0 and "Audit" in out
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # not retrained, not refitted
+    assert sorted((demo / "concepts").glob("concepts-*.safetensors")) == db_files  # DB loaded, not rebuilt
+
+
+def test_help_of_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    for name in ("demo", "collect", "embed", "search", "label", "describe", "compare", "audit", "validate",
+                 "report", "bench"):
+        assert name in top
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+        assert "--json" in capsys.readouterr().out
+
+
+def test_search_label_describe_compare(demo, capsys):
+    code, out, _ = run_cli(capsys, "search", "--run", demo, "a white square stamp", "--k", "5", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res[0]["query"] == "text: a white square stamp" and len(res[0]["rows"]) == 5
+    assert [r["rank"] for r in res[0]["rows"]] == list(range(5))
+    scores = [r["score"] for r in res[0]["rows"]]
+    assert scores == sorted(scores, reverse=True)
+    assert read_json(demo / "searches.json")["searches"][-1]["query"] == "text: a white square stamp"
+
+    from PIL import Image
+
+    img = torch.zeros(28, 28, dtype=torch.uint8)
+    img[1:6, 1:6] = 255
+    p = demo.parent / "stamp.png"
+    Image.fromarray(img.numpy()).save(p)
+    code, out, _ = run_cli(capsys, "search", "--run", demo, "--image", p, "--k", "3", "--json")
+    assert code == 0 and json.loads(out)[0]["query"].startswith("image:")
+
+    vocab = "Shirt,Trouser,Bag,white square stamp"
+    code, out, _ = run_cli(capsys, "label", "--run", demo, "--vocab", vocab, "--json")
+    assert code == 0
+    recs = json.loads(out)["records"]
+    assert {r["label"] for r in recs} <= set(vocab.split(","))
+    assert len(recs) == 16 + 32 + 32
+    code, out, _ = run_cli(capsys, "describe", "--run", demo, "--layer", "conv2", "--json", "--no-progress")
+    assert code == 0
+    d = json.loads(out)[0]
+    assert d["components"] == 32 and sum(d["label_counts"].values()) == 32
+    code, out, _ = run_cli(capsys, "compare", "--run", demo, "--layers", "conv1", "--other-layers", "conv2", "--json")
+    assert code == 0
+    c = json.loads(out)
+    assert len(c["a_match"]) == 16 and len(c["b_match"]) == 32 and 0 <= c["coverage_a"] <= 1
+
+
+def test_audit_and_validate(demo, capsys):
+    code, out, _ = run_cli(capsys, "audit", "--run", demo, "--valid", "Shirt,T-shirt/top,Pullover,Coat",
+                           "--spurious", "white square stamp", "--target", "6", "--json", "--no-progress")
+    assert code == 0
+    a = json.loads(out)
+    assert a["n_components"] == 80
+    assert all(r["spurious_score"] - r["valid_score"] > 0 for r in a["flagged"])
+    assert all("relevance" in r for r in a["flagged"])
+    assert read_json(demo / "audit.json")["target"] == 6
+    if a["flagged"]:
+        code, _, _ = run_cli(capsys, "audit", "--run", demo, "--valid", "Shirt", "--spurious", "white square stamp",
+                             "--fail-on-flagged", "--no-progress")
+        assert code == cli.EXIT_FLAGGED
+    # mixing text and image probes is refused (their scores are not comparable)
+    code, _, err = run_cli(capsys, "audit", "--run", demo, "--valid", "Shirt", "--spurious", "image:x.png")
+    assert code == cli.EXIT_ARGS and "modality gap" in err and len(err.strip().splitlines()) == 1
+
+    code, out, _ = run_cli(capsys, "label", "--run", demo, "--vocab", "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,"
+                           "Shirt,Sneaker,Bag,Ankle boot,white square stamp", "--json")
+    labels = {r["label"] for r in json.loads(out)["records"] if r["layer"] == "conv3"}
+    keep = sorted(labels - {"white square stamp", "unlabelled"})
+    code, out, _ = run_cli(capsys, "validate", "--run", demo, "--layer", "conv3", "--keep", ",".join(keep),
+                           "--samples", "300", "--json", "--no-progress")
+    assert code == 0
+    v = json.loads(out)
+    assert v["n"] == 300 and 0 <= v["epsilon"] <= 1 and len(v["kept"]) + len(v["ablated"]) == 32
+    assert v["successes"] <= v["n"]
+
+
+def test_report_command(demo, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "report", "--run", demo, "--out", tmp_path / "rep", "--json")
+    assert code == 0
+    index = Path(json.loads(out)["report"])
+    html = index.read_text()
+    assert index.parent == tmp_path / "rep"
+    assert html.count('class="card') >= 3 * 6 and "concept-map" in html
+    assert "http://" not in html and "https://" not in html
+    imgs = list((tmp_path / "rep" / "img").glob("*.png"))
+    assert len(imgs) >= 3 * 6 * 4
+
+
+def test_missing_and_mismatched_artifacts(demo, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "search", "--run", tmp_path / "nothing", "x")
+    assert code == cli.EXIT_MISSING and "semlens demo" in err and len(err.strip().splitlines()) == 1
+
+    # a copy of the run whose labels.json comes from another run
+    other = tmp_path / "copy"
+    shutil.copytree(demo, other)
+    lab = read_json(other / "labels.json")
+    lab["run_id"] = "0" * 32
+    write_json(other / "labels.json", lab)
+    code, _, err = run_cli(capsys, "validate", "--run", other, "--layer", "conv3", "--keep", "Shirt")
+    assert code == cli.EXIT_MISMATCH and "another run" in err
+
+    # the ConceptDB does not belong to the top-k store recorded in run.json
+    man = read_json(other / "run.json")
+    man["stages"]["collect"]["lists_sha256"] = "f" * 64
+    write_json(other / "run.json", man)
+    code, _, err = run_cli(capsys, "search", "--run", other, "x")
+    assert code == cli.EXIT_MISMATCH and "semlens collect" in err
+
+    # a stage that never ran
+    man["stages"].pop("embed")
+    write_json(other / "run.json", man)
+    code, _, err = run_cli(capsys, "label", "--run", other, "--vocab", "a,b")
+    assert code == cli.EXIT_MISSING and "semlens embed" in err
+
+
+def test_bad_input(capsys, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "collect", "--run", blocker / "run", "--model", "semlens_fast.models:FashionCNN",
+                           "--data", "digits", "--layers", "conv1")
+    assert code == cli.EXIT_ARGS and "not writable" in err
+    assert blocker.read_text() == "x"
+    code, _, err = run_cli(capsys, "collect", "--run", tmp_path / "r", "--model", "nomodule:fn", "--data", "digits",
+                           "--layers", "conv1")
+    assert code == cli.EXIT_ARGS and "cannot be imported" in err
+    code, _, err = run_cli(capsys, "collect", "--run", tmp_path / "r2", "--model", "semlens_fast.models:FashionCNN",
+                           "--data", "digits", "--layers", "nolayer")
+    assert code == cli.EXIT_ARGS and "nolayer" in err
+    assert not (tmp_path / "r2" / "topk").exists()
+    # the Debian data set is not there
+    from semlens_fast import data as D
+
+    monkeypatch.setattr(D, "FASHION_DIRS", (str(tmp_path / "none"),))
+    monkeypatch.delenv("SEMLENS_FASHION_MNIST", raising=False)
+    code, _, err = run_cli(capsys, "collect", "--run", tmp_path / "r3", "--model", "semlens_fast.models:FashionCNN",
+                           "--data", "fashion-mnist", "--layers", "conv1")
+    assert code == cli.EXIT_MISSING and "dataset-fashion-mnist" in err
+
+
+def test_collect_embed_custom_model(capsys, tmp_path, monkeypatch):
+    """A user's own model and data through factories: collect, embed (vision), search by image."""
+    mod = tmp_path / "my_factories.py"
+    mod.write_text(textwrap.dedent("""
+        import torch
+        from semlens_fast.data import digits
+        from semlens_fast.models import FashionCNN
+
+        def model():
+            torch.manual_seed(0)
+            return FashionCNN()
+
+        def data():
+            return digits("train")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "myrun"
+    code, out, _ = run_cli(capsys, "collect", "--run", run, "--model", "my_factories:model", "--data",
+                           "my_factories:data", "--layers", "conv1,conv2", "--k", "5", "--json", "--no-progress")
+    assert code == 0
+    rows = json.loads(out)["layers"]
+    assert [r["layer"] for r in rows] == ["conv1", "conv2"] and rows[0]["filled"] == 16 * 5
+    code, out, _ = run_cli(capsys, "embed", "--run", run, "--fm", "vision:64", "--mode", "full", "--json",
+                           "--no-progress")
+    assert code == 0 and json.loads(out)["layers"][1]["dim"] == 1280
+    from semlens_fast.data import digits
+
+    p = tmp_path / "probe.png"
+    from PIL import Image
+
+    Image.fromarray(digits("train").images[0].numpy()).save(p)
+    code, out, _ = run_cli(capsys, "search", "--run", run, "--image", p, "--k", "3", "--json")
+    assert code == 0 and len(json.loads(out)[0]["rows"]) == 3
+    # a text query on a vision-only foundation model: a clear error, not a crash
+    code, _, err = run_cli(capsys, "search", "--run", run, "a digit")
+    assert code == cli.EXIT_ARGS and "text" in err.lower()
+    # the same folder cannot be reused for another model
+    code, _, err = run_cli(capsys, "collect", "--run", run, "--model", "semlens_fast.models:FashionCNN", "--data",
+                           "digits", "--layers", "conv1")
+    assert code == cli.EXIT_MISMATCH and "another model" in err
+
+
+def test_console_script_runs():
+    exe = shutil.which("semlens")
+    cmd = [exe] if exe else [sys.executable, "-m", "semlens_fast.cli"]
+    r = subprocess.run(cmd + ["search", "--run", "/nonexistent/run", "x"], capture_output=True, text=True,
+                       env={**os.environ}, timeout=120)
+    assert r.returncode == 3 and r.stderr.strip().count("\n") == 0 and "no run in" in r.stderr
+
+
+def test_demo_report_in_browser(demo, tmp_path):
+    """The demo's own report in headless Chromium: loads without errors, every grid image decodes."""
+    from tests.test_report import Page
+    from tests.test_report_browser import chromium, run_chromium
+
+    exe = chromium()
+    index = demo / "report" / "index.html"
+    res = run_chromium(exe, tmp_path / "profile", "--dump-dom", index.as_uri())
+    assert res.returncode == 0, res.stderr[-2000:]
+    page = Page()
+    page.feed(res.stdout)
+    page.close()
+    body = page.find("body")[0]
+    assert body.get("data-errors") == "0" and body.get("data-resource-errors") == "0", body.get("data-error-text")
+    n_img = len(page.find("img"))
+    assert n_img >= 3 * 6 * 4 and int(body["data-images-loaded"]) == n_img
+    assert len(page.find("section", "layer")) == 3
+    assert len(page.find("table", "audit")) == 1 and len(page.find("svg", "concept-map")) == 1
+    shot = tmp_path / "shot.png"
+    res = run_chromium(exe, tmp_path / "profile2", f"--screenshot={shot}", index.as_uri())
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 24) or []) > 50
