@@ -42,11 +42,12 @@ def _machine() -> list[str]:
     except Exception:  # pragma: no cover
         isa = "unknown"
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for mod in ("semanticlens", "faiss", "zennit", "triton"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("semanticlens", "faiss-cpu", "zennit", "zennit-crp", "dl-backtrace", "triton"):
         try:
-            m = __import__(mod)
-            versions.append(f"{mod} {getattr(m, '__version__', '?')}")
-        except Exception:
+            versions.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
             pass
     return [
         f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "

@@ -278,3 +278,13 @@ def test_demo_report_in_browser(demo, tmp_path):
 
     with Image.open(shot) as im:
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 24) or []) > 50
+
+
+def test_bench_plumbing(capsys):
+    """`semlens bench` runs benchmarks/run.py; an unknown suite fails before anything is written."""
+    md = Path(cli.__file__).resolve().parent.parent / "BENCHMARKS.md"
+    before = md.read_bytes() if md.exists() else None
+    code = cli.main(["bench", "bench_does_not_exist.py"])
+    capsys.readouterr()
+    assert code == cli.EXIT_ERROR
+    assert (md.read_bytes() if md.exists() else None) == before
