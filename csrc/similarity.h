@@ -31,6 +31,15 @@ struct SimArgs {
     // +-32767), rows quantised the same way after scaling by their inverse norm; the
     // approximate score is the exact int32 dot product times 2^-30.
     const int16_t* q16;
+    // int8 pre-filter of the int16 pass (AVX2, filled by the kernel itself): queries as
+    // int8 q8 (stride dp8, a multiple of 64) with scale q8a (x 2^-15), bound terms q8e,
+    // q8b and offset correction q8c (see similarity_kernel.h, filter8)
+    const int8_t* q8 = nullptr;
+    int64_t dp8 = 0;
+    const float* q8a = nullptr;
+    const float* q8e = nullptr;
+    const float* q8b = nullptr;
+    const int32_t* q8c = nullptr;
 };
 
 }  // namespace slf

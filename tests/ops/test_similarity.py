@@ -37,6 +37,7 @@ def backend(request, monkeypatch):
 
         monkeypatch.setenv("SEMLENS_BACKEND", "cpu")
         monkeypatch.setattr(cpu, "INT16_MIN_QUERIES", 1 if name.endswith("i16") else 1 << 30)
+        monkeypatch.setenv("SEMLENS_SIM_INT8", "1")  # int8 pre-filter (AVX2, >= 4 queries) at any N
         ext.set_isa(name.split("-")[1])
         yield name
         ext.set_isa(ext.best_isa())
@@ -350,3 +351,80 @@ def test_low_precision_recall_on_random_unit_vectors():
         _, got = cosine_topk(q, x.to(dt), k)
         recall = sum(len(set(a) & set(b)) for a, b in zip(got.tolist(), exact.tolist())) / (Q * k)
         assert recall >= 0.99, (dt, recall)
+
+
+# ---- int8 pre-filter of the int16 pass (AVX2, from 4 queries on) ---------------------------
+# The filter only skips (query, row) pairs whose proven upper bound of the int16 score is
+# below the query's current K-th score, so the candidate lists (scores' bits and ids) must be
+# identical with the filter on (default) and off (SEMLENS_SIM_INT8=0), at every tile shape.
+
+def _int8_data(kind, N, d, g):
+    if kind == "random":
+        return torch.randn(N, d, generator=g)
+    if kind == "ties":
+        vals = torch.tensor(VALUES)
+        x = vals[torch.randint(0, len(VALUES), (N, d), generator=g)]
+        x[::5] = x[2]
+        x[11] = 0
+        return x
+    if kind == "clustered":
+        c = torch.randn(8, d, generator=g)
+        return c[torch.randint(0, 8, (N,), generator=g)] + 0.05 * torch.randn(N, d, generator=g)
+    # "spiky": one dominant component per row (clamped int8 values), wildly different
+    # row norms, zero rows
+    x = torch.randn(N, d, generator=g) * torch.logspace(-2, 2, N).unsqueeze(1)
+    x[torch.arange(N), torch.randint(0, d, (N,), generator=g)] *= 30.0
+    x[::17] = 0
+    return x
+
+
+@pytest.mark.skipif("avx2" not in CPU_ISAS, reason="int8 filter is AVX2 only")
+@pytest.mark.parametrize("kind", ["random", "ties", "clustered", "spiky"])
+@pytest.mark.parametrize("Q,d", [(4, 37), (5, 64), (9, 100), (13, 16), (16, 513), (24, 128)])
+def test_int8_filter_keeps_int16_candidates(monkeypatch, kind, Q, d):
+    from semlens_fast.ops.cpu import similarity as cpu
+
+    ext.set_isa("avx2")
+    try:
+        g = torch.Generator().manual_seed(Q * 1000 + d)
+        N = 3001
+        x = _int8_data(kind, N, d, g)
+        q = _int8_data(kind, Q, d, g) if kind != "ties" else x[torch.randint(0, N, (Q,), generator=g)].clone()
+        q[0] = 0  # zero query
+        if Q > 4:
+            q[1] = x[5]  # a query equal to a row
+        qh = cpu._unit_queries(q.float())
+        ex = torch.randint(-1, N, (Q, 2), generator=g)
+        for dtype in DTYPES:
+            xd = x.to(dtype)
+            for K in (1, 7, 150):
+                for e in (None, ex):
+                    monkeypatch.setenv("SEMLENS_SIM_INT8", "0")
+                    v0, i0, _ = cpu.candidates(qh, xd, K, e)
+                    monkeypatch.setenv("SEMLENS_SIM_INT8", "1")
+                    v1, i1, _ = cpu.candidates(qh, xd, K, e)
+                    assert torch.equal(i0, i1), (dtype, K)
+                    assert torch.equal(v0.view(torch.int32), v1.view(torch.int32)), (dtype, K)
+    finally:
+        ext.set_isa(ext.best_isa())
+
+
+@pytest.mark.skipif("avx2" not in CPU_ISAS, reason="int8 filter is AVX2 only")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 20, 3001])
+def test_int8_filter_end_to_end_equals_reference(monkeypatch, dtype, k):
+    monkeypatch.setenv("SEMLENS_BACKEND", "cpu")
+    monkeypatch.setenv("SEMLENS_SIM_INT8", "1")  # by default only from 400k rows on
+    ext.set_isa("avx2")
+    try:
+        g = torch.Generator().manual_seed(k)
+        x = _int8_data("clustered", 2999, 70, g).to(dtype)
+        x[3] = 0
+        x[100:110] = x[50]  # duplicates
+        q = torch.cat([x[:8].float(), torch.randn(9, 70, generator=g)]).to(dtype)
+        s, i = cosine_topk(q, x, k)
+        rs, ri = with_backend("reference", cosine_topk, q, x, k)
+        assert torch.equal(i, ri)
+        assert torch.equal(s.view(torch.int32), rs.view(torch.int32))
+    finally:
+        ext.set_isa(ext.best_isa())
