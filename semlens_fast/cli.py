@@ -129,7 +129,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     except StoreError as exc:
         msg = str(exc).replace("collect(..., overwrite=True)", "--overwrite")
         raise CommandError(msg, EXIT_MISMATCH) from None
-    run.record("collect", layers=layers, k=args.k, pool=args.pool, lists_sha256=store_digest(store), run_id=run.id)
+    run.record("collect", layers=layers, k=args.k, pool=args.pool, lists_sha256=store_digest(store))
     rows = [{"layer": n, "components": store[n].channels, "k": store[n].k,
              "filled": int((store[n].ids >= 0).sum()), "nan_excluded": int(store[n].nan_counts.sum())} for n in layers]
     from .lens import _table
@@ -157,7 +157,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     db = build_concept_db(store, fm, run.data(), layers, mode=args.mode, path=run.concepts_path,
                           cache=run.file("cache"), overwrite=True, progress=not args.no_progress,
                           dtype=getattr(torch, args.dtype), **kw)
-    run.record("embed", fm=spec, mode=args.mode, layers=list(db.layers), run_id=run.id)
+    run.record("embed", fm=spec, mode=args.mode, layers=list(db.layers))
     rows = [{"layer": n, "components": db[n].channels, "with_examples": int((db[n].n_valid > 0).sum()), "dim": db.dim}
             for n in db.layers]
     from .lens import _table
@@ -209,7 +209,7 @@ def _vocab(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from ._io import write_json
+    from .workspace import save_labels
 
     run = _open(args)
     vocab = _vocab(args)
@@ -221,8 +221,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     prev = _labels(run, strict=False)
     if prev is not None:  # keep the labels of the layers not relabelled now
         records = [r for r in prev["records"] if r["layer"] not in labels.layers] + records
-    write_json(run.file("labels.json"), _clean({"vocabulary": vocab, "records": records, "run_id": run.id}))
-    run.record("label", vocabulary=vocab, run_id=run.id)
+    save_labels(run, vocab, records)
     _emit(args, {"records": labels.to_records(), "counts": {n: labels.counts(n) for n in labels.layers}}, lambda: str(labels))
     return EXIT_OK
 

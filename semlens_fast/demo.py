@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ._io import read_tensors, write_json, write_tensors
-from .workspace import Run, compute_relevance, save_audit, stamp, store_digest
+from .workspace import Run, compute_relevance, save_audit, save_labels, stamp, store_digest
 
 log = logging.getLogger("semlens_fast")
 
@@ -131,7 +131,7 @@ def _train(run: Run, cfg: DemoConfig, ds, test, progress: bool) -> dict[str, Any
     }
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     write_tensors(wfile, sd)
-    run.record("train", config=want, metrics=metrics, run_id=run.id)
+    run.record("train", config=want, metrics=metrics)
     run._cache.pop("model", None)
     return run.stage("train")  # type: ignore[return-value]
 
@@ -165,7 +165,7 @@ def _foundation(run: Run, cfg: DemoConfig, test, progress: bool):
         al = Aligned.fit(vis, txt, imgs, labels, names, progress=progress)
         mp.parent.mkdir(exist_ok=True)
         al.save(mp)
-        run.record("foundation", config=want, fm=spec, fit=al.fit_info, concepts=names, run_id=run.id)
+        run.record("foundation", config=want, fm=spec, fit=al.fit_info, concepts=names)
     run._cache.pop("fm:" + repr(sorted(spec.items())), None)
     return run.foundation(spec), spec
 
@@ -209,7 +209,7 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
 
     store = collect(model, ds, cfg.layers, k=cfg.k, pool="max", store=run.topk_path, progress=progress,
                     overwrite=True)
-    run.record("collect", layers=cfg.layers, k=cfg.k, pool="max", lists_sha256=store_digest(store), run_id=run.id)
+    run.record("collect", layers=cfg.layers, k=cfg.k, pool="max", lists_sha256=store_digest(store))
     run._cache["store"] = store
     clock.done("collect", f"collect: top-{cfg.k} training images of {sum(store[n].channels for n in cfg.layers)} "
                           f"channels in {', '.join(cfg.layers)}")
@@ -220,7 +220,7 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
 
     db = build_concept_db(store, fm, ds, cfg.layers, mode="activation", model=model, data=ds,
                           path=run.concepts_path, cache=run.file("cache"), overwrite=True, progress=progress)
-    run.record("embed", fm=fm_spec, mode="activation", layers=cfg.layers, run_id=run.id)
+    run.record("embed", fm=fm_spec, mode="activation", layers=cfg.layers)
     run._cache["db"] = db
     lens = Lens(db, fm)
     clock.done("embed", f"embed: activation crops of {sum(db[n].channels for n in cfg.layers)} channels -> "
@@ -235,8 +235,7 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
     # ---- label, search, audit
     vocab = list(base.classes) + [STAMP_CONCEPT]
     labels = lens.label(vocab)
-    write_json(run.file("labels.json"), {"vocabulary": vocab, "records": labels.to_records(), "run_id": run.id})
-    run.record("label", vocabulary=vocab, run_id=run.id)
+    save_labels(run, vocab, labels.to_records())
     probe = _stamp_probe(test, cfg, 0, cfg.probe_images)
     p_img = fm.encode_images(list(probe)).mean(0, keepdim=True)
     n_search = max(len(mark), 8)
@@ -289,7 +288,7 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
         "times_s": clock.times,
     }
     write_json(run.file("findings.json"), findings)
-    run.record("demo", run_id=run.id)
+    run.record("demo")
 
     # ---- tell it
     say("")

@@ -170,8 +170,6 @@ class Run:
         info = self.stage(stage)
         if info is None:
             raise MissingArtifactError(f"{self.path} has no {stage} results yet; run `{command}` first")
-        if info.get("run_id", self.id) != self.id:
-            raise RunMismatchError(f"{self.path}: the {stage} results belong to another run; run `{command}` again")
         return info
 
     # ------------------------------------------------------------------ model and data
@@ -365,12 +363,21 @@ def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int
     return out
 
 
+def save_labels(run: Run, vocabulary: list[str], records: list[dict[str, Any]]) -> None:
+    """Write label records (``LabelResult.to_records()`` rows) to ``RUN/labels.json``."""
+    import math
+
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
+    write_json(run.path / "labels.json", {"run_id": run.id, "vocabulary": list(vocabulary), "records": clean})
+    run.record("label", vocabulary=list(vocabulary))
+
+
 def save_audit(run: Run, audit: Any, source: str = "semlens audit") -> dict[str, Any]:
     """Write an :class:`~semlens_fast.lens.AuditReport` to ``RUN/audit.json`` (what the report shows)."""
     rec = {"run_id": run.id, "source": source, "valid": audit.valid, "spurious": audit.spurious, "target": audit.target,
            "relevance_share": audit.relevance_share, "flagged": audit.flagged, "components": audit.components}
     write_json(run.path / "audit.json", rec)
-    run.record("audit", run_id=run.id, flagged=len(audit.flagged))
+    run.record("audit", flagged=len(audit.flagged))
     return rec
 
 
