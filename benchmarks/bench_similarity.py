@@ -87,7 +87,7 @@ def recall(got, want) -> float:
 
 
 def rounds(Q: int) -> int:
-    return 5 if Q <= 16 else 1
+    return 5 if Q <= 16 else 3
 
 
 def warmup(Q: int) -> int:

@@ -40,6 +40,10 @@ struct SimArgs {
     const float* q8e = nullptr;
     const float* q8b = nullptr;
     const int32_t* q8c = nullptr;
+    // thresholds shared by the threads of one call (filled by the kernel itself): per
+    // query, the highest K-th score of any thread's list so far (or nullptr). No row
+    // scoring below it can enter the merged top-K, so every thread may skip it.
+    float* sthr = nullptr;
 };
 
 }  // namespace slf

@@ -3,7 +3,10 @@
 // and SLF_NS, includes its headers, switches the compiler target, then includes this.
 //
 // Work split: threads take chunks of 2048 database rows on demand and keep their own
-// top-K list per query (no locks); the lists are merged at the end. Three paths:
+// top-K list per query (no locks); the lists are merged at the end. Between row blocks
+// each thread publishes its K-th scores and takes the highest one any thread holds as
+// its threshold (a.sthr), which only skips rows that cannot reach the merged top-K.
+// Three paths:
 //  * 1..8 queries (float32, fused): every row is read once, straight from its storage,
 //    and its dots and squared norm come from the same pass; bandwidth-bound.
 //  * int16 queries (q16, from 9 queries on): a thread walks its range in blocks of RB
@@ -633,7 +636,32 @@ static inline void offer(const SimArgs& a, int64_t qi, int64_t id, float s, floa
     }
     const int64_t K = a.K;
     insert(tv + qi * K, ti + qi * K, K, s, id);
-    thr[qi] = tv[qi * K + K - 1];
+    // thr may already be above the own K-th score (taken from the shared thresholds)
+    thr[qi] = std::max(thr[qi], tv[qi * K + K - 1]);
+}
+
+// Shared thresholds (a.sthr): raised with a relaxed compare-and-swap maximum, read
+// once per row block. A thread skips a row only when its score is below the K-th score
+// some thread already holds, so the merged lists are the same as without sharing; the
+// sharing only cuts the candidate offers of the second thread's early rows.
+static inline float shared_load(const float* p) {
+    float v;
+    __atomic_load(p, &v, __ATOMIC_RELAXED);
+    return v;
+}
+
+static inline void shared_raise(float* p, float v) {
+    float cur = shared_load(p);
+    while (v > cur && !__atomic_compare_exchange(p, &cur, &v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+static void publish_thresholds(const SimArgs& a, const float* tv) {
+    const int64_t K = a.K;
+    for (int64_t qi = 0; qi < a.Q; ++qi) {
+        const float own = tv[qi * K + K - 1];
+        if (own > shared_load(a.sthr + qi)) shared_raise(a.sthr + qi, own);
+    }
 }
 
 static inline int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
@@ -663,6 +691,7 @@ struct Buf8 {
     float* xb = nullptr;    // [RB + 2] per-row filter terms
     float* xn = nullptr;
     float* xe = nullptr;
+    int32_t* s8 = nullptr;  // [RB / 2, 8] raw int8 dots of one query group (32-byte aligned)
 };
 
 template <int DT>
@@ -685,10 +714,20 @@ static void block16(const SimArgs& a, int64_t rb, int64_t nr, int16_t* qbuf, flo
             const __m256i cdup = _mm256_permutevar8x32_epi32(
                 _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q8c + qg))), dup);
             const int8_t* qp = a.q8 + qg * dp8;
-            int64_t r = 0;
-            for (; r + 2 <= nr; r += 2) {
-                __m256i s8;
-                micro8_42(qp, dp8, b8.xq + r * dp8, b8.xq + (r + 1) * dp8, &s8);
+            // the int16 rows of these 4 queries serve the pairs that pass the filter: fetch
+            // them into L2 while the strip's tiles run (1024 queries hold 1 MiB of them)
+            for (int64_t o = 0; o < 4 * dp; o += 32)
+                _mm_prefetch(reinterpret_cast<const char*>(a.q16 + qg * dp + o), _MM_HINT_T1);
+            // every tile of the strip first, then the bound test of the whole strip: the
+            // test's dependency chain and its rarely taken branch stay out of the dot loop
+            const int64_t np = nr / 2;
+            for (int64_t j = 0; j < np; ++j)
+                micro8_42(qp, dp8, b8.xq + 2 * j * dp8, b8.xq + (2 * j + 1) * dp8,
+                          reinterpret_cast<__m256i*>(b8.s8 + 8 * j));
+            __m256 t8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(thr + qg)), dup);
+            for (int64_t j = 0; j < np; ++j) {
+                const int64_t r = 2 * j;
+                const __m256i s8 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b8.s8 + 8 * j));
                 double w;
                 std::memcpy(&w, b8.xb + r, sizeof w);
                 const __m256 xb2 = _mm256_castpd_ps(_mm256_set1_pd(w));
@@ -698,15 +737,17 @@ static void block16(const SimArgs& a, int64_t rb, int64_t nr, int16_t* qbuf, flo
                 const __m256 xe2 = _mm256_castpd_ps(_mm256_set1_pd(w));
                 const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s8, cdup)), adup);
                 const __m256 ub = _mm256_fmadd_ps(p, xb2, _mm256_fmadd_ps(edup, xn2, _mm256_fmadd_ps(bdup, xe2, slack)));
-                const __m256 t8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(thr + qg)), dup);
                 unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(ub, t8, _CMP_GE_OQ)));
+                if (m == 0) continue;
                 for (; m != 0; m &= m - 1) {  // lane b: query qg + b / 2, row r + b % 2
                     const int b = __builtin_ctz(m);
                     const int64_t qi = qg + b / 2, rr = r + (b & 1);
                     const int32_t dot = dot16(a.q16 + qi * dp, qbuf + rr * dp, dp);
                     offer(a, qi, rb + rr, static_cast<float>(dot) * fac[rr], tv, ti, thr);
                 }
+                t8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(thr + qg)), dup);
             }
+            const int64_t r = 2 * np;
             if (r < nr) tile16(a, dp, qg, 4, qbuf, r, 1, fac, rb, tv, ti, thr);  // odd last row
         }
     }
@@ -772,6 +813,7 @@ static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int6
         b8.xb = static_cast<float*>(std::malloc(sizeof(float) * (3 * RB + 8)));
         b8.xn = b8.xb + RB + 2;
         b8.xe = b8.xn + RB + 2;
+        b8.s8 = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * 8 * (RB / 2 + 2)));
     }
     float* inv = static_cast<float*>(std::malloc(sizeof(float) * (RB + 2)));
     float* thr = static_cast<float*>(std::malloc(sizeof(float) * (Q + 8)));
@@ -779,6 +821,10 @@ static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int6
     float out[4][3];
     for (int64_t rb = r0; rb < r1; rb += RB) {
         const int64_t nr = (r1 - rb) < RB ? (r1 - rb) : RB;
+        if (a.sthr != nullptr) {  // publish this thread's K-th scores, take the others'
+            publish_thresholds(a, tv);
+            for (int64_t qi = 0; qi < Q; ++qi) thr[qi] = std::max(thr[qi], shared_load(a.sthr + qi));
+        }
         if (i16) {
             block16<DT>(a, rb, nr, qbuf, inv, tv, ti, thr, b8);
             continue;
@@ -822,11 +868,13 @@ static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int6
             }
         }
     }
+    if (a.sthr != nullptr) publish_thresholds(a, tv);
     std::free(thr);
     std::free(inv);
     std::free(qbuf);
     std::free(b8.xq);
     std::free(b8.xb);
+    std::free(b8.s8);
     std::free(buf);
 }
 
@@ -857,6 +905,10 @@ static void run_impl(const SimArgs& a) {
         return;
     }
     // per-thread lists; thread 0 writes straight into the output
+    SimArgs as = a;
+    float* sthr = static_cast<float*>(std::malloc(sizeof(float) * Q));
+    for (int64_t qi = 0; qi < Q; ++qi) sthr[qi] = -std::numeric_limits<float>::infinity();
+    as.sthr = sthr;
     float* sv = static_cast<float*>(std::malloc(sizeof(float) * Q * K * (nt - 1) + 4));
     int64_t* si = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * Q * K * (nt - 1) + 8));
     for (int64_t j = 0; j < Q * K * (nt - 1); ++j) { sv[j] = -std::numeric_limits<float>::infinity(); si[j] = -1; }
@@ -872,7 +924,7 @@ static void run_impl(const SimArgs& a) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; ++c) {
             const int64_t r0 = c * chunk, r1 = (r0 + chunk) < N ? (r0 + chunk) : N;
-            scan_range<DT>(a, r0, r1, tv, ti);
+            scan_range<DT>(as, r0, r1, tv, ti);
         }
 #pragma omp barrier
         float* mv = static_cast<float*>(std::malloc(sizeof(float) * K));
@@ -888,6 +940,7 @@ static void run_impl(const SimArgs& a) {
     }
     std::free(sv);
     std::free(si);
+    std::free(sthr);
 }
 
 template <int DT>

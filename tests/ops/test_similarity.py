@@ -428,3 +428,35 @@ def test_int8_filter_end_to_end_equals_reference(monkeypatch, dtype, k):
         assert torch.equal(s.view(torch.int32), rs.view(torch.int32))
     finally:
         ext.set_isa(ext.best_isa())
+
+
+# ---- thresholds shared between threads ------------------------------------------------------
+# Threads skip rows scoring below the highest K-th score any thread holds; that may only
+# drop rows that cannot reach the merged top-K, so the candidate lists must not depend on
+# the number of threads (fused, int16 and int8-filtered paths; ties included).
+
+@pytest.mark.parametrize("kind", ["random", "ties", "clustered"])
+@pytest.mark.parametrize("Q", [3, 12, 24])
+def test_candidates_do_not_depend_on_thread_count(monkeypatch, kind, Q):
+    from semlens_fast.ops.cpu import similarity as cpu
+
+    g = torch.Generator().manual_seed(Q)
+    N, d = 6007, 96
+    x = _int8_data(kind, N, d, g)
+    q = x[torch.randint(0, N, (Q,), generator=g)].clone() if kind == "ties" else _int8_data(kind, Q, d, g)
+    qh = cpu._unit_queries(q.float())
+    threads = torch.get_num_threads()
+    try:
+        for int8 in ("0", "1"):
+            monkeypatch.setenv("SEMLENS_SIM_INT8", int8)
+            for K in (1, 7, 150):
+                got = []
+                for nt in (1, 2, 3):
+                    torch.set_num_threads(nt)
+                    v, i, _ = cpu.candidates(qh, x, K, None)
+                    got.append((v.view(torch.int32), i))
+                for v, i in got[1:]:
+                    assert torch.equal(i, got[0][1]), (int8, K)
+                    assert torch.equal(v, got[0][0]), (int8, K)
+    finally:
+        torch.set_num_threads(threads)
