@@ -642,8 +642,9 @@ static inline void offer(const SimArgs& a, int64_t qi, int64_t id, float s, floa
 
 // Shared thresholds (a.sthr): raised with a relaxed compare-and-swap maximum, read
 // once per row block. A thread skips a row only when its score is below the K-th score
-// some thread already holds, so the merged lists are the same as without sharing; the
-// sharing only cuts the candidate offers of the second thread's early rows.
+// some thread already holds, so the merged lists are the same as without sharing. It
+// saves little (5 % fewer int8-filter passes at N = 10^6, Q = 1024): the offers that pass
+// come from the whole scan, not only from a thread's first rows.
 static inline float shared_load(const float* p) {
     float v;
     __atomic_load(p, &v, __ATOMIC_RELAXED);
