@@ -102,6 +102,27 @@ def ensure_dir(path: str | os.PathLike, what: str = "path") -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, what: str = "path") -> Path:
+    """Raise :class:`ArgumentError` now (before any work) if folder ``path`` could not be made
+    or written: a regular file there or on its way, or no write permission. Creates nothing."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ArgumentError(f"{what} {str(path)!r} exists and is not a folder")
+        p = path
+        while not p.exists():
+            if p.is_symlink():
+                raise ArgumentError(f"{what} {str(path)!r}: {str(p)!r} is a dangling symlink")
+            p = p.parent
+        if not p.is_dir():
+            raise ArgumentError(f"{what} {str(path)!r}: {str(p)!r} is not a folder")
+    except OSError as exc:
+        raise ArgumentError(f"{what} {str(path)!r} cannot be used: {exc.strerror or exc}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ArgumentError(f"{what} {str(path)!r} is not writable ({str(p)!r} is not)")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success fsync and rename it to ``path``.
