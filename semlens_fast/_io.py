@@ -320,6 +320,59 @@ def open_safetensors(path: str | os.PathLike, *, sha256: str | None = None) -> t
     return out, dict(meta)
 
 
+SEAL_KEY = "content_sha256"
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of ``obj``'s canonical JSON (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_sealed_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
+    """Write ``obj`` with its own content hash (key ``content_sha256``): the check travels with
+    the file, so it is as atomic as the file itself."""
+    body = {k: v for k, v in obj.items() if k != SEAL_KEY}
+    write_json(path, {**body, SEAL_KEY: json_digest(body)})
+
+
+def check_sealed_json(obj: Any, path: str | os.PathLike) -> Any:
+    """``obj`` (as read from ``path``) after checking its ``content_sha256``, which is removed;
+    objects without one (older files) pass unchanged."""
+    if isinstance(obj, dict) and SEAL_KEY in obj:
+        body = {k: v for k, v in obj.items() if k != SEAL_KEY}
+        if json_digest(body) != obj[SEAL_KEY]:
+            raise StoreError(f"{path} does not match the content hash it was written with (damaged or edited)")
+        return body
+    return obj
+
+
+def write_sealed_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
+    """:func:`write_tensors` with the tensors' own hash in the file's metadata (see :func:`read_sealed_tensors`)."""
+    return write_tensors(path, tensors, metadata={SEAL_KEY: hash_tensors(tensors)})
+
+
+def read_sealed_tensors(path: str | os.PathLike, *, required: bool = False) -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`write_sealed_tensors` and check the tensors against the hash
+    in its metadata (files without one pass unless ``required``). A mismatch raises StoreError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    out = read_tensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # pragma: no cover - read_tensors already parsed it
+        raise _tensor_error(path, exc) from None
+    want = meta.get(SEAL_KEY)
+    if want is None:
+        if required:
+            raise StoreError(f"tensor file {path} carries no content hash")
+        return out
+    if hash_tensors(out) != want:
+        raise StoreError(f"tensor file {path} does not match the content hash it was written with (damaged or replaced)")
+    return out
+
+
 def hash_tensors(tensors: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]], algo: str = "sha256") -> str:
     """Stable hex digest of named tensors (names, dtypes, shapes and bytes)."""
     h = hashlib.new(algo)
