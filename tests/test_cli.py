@@ -226,7 +226,10 @@ def test_collect_embed_custom_model(capsys, tmp_path, monkeypatch):
     assert code == 0
     rows = json.loads(out)["layers"]
     assert [r["layer"] for r in rows] == ["conv1", "conv2"] and rows[0]["filled"] == 16 * 5
-    code, out, _ = run_cli(capsys, "embed", "--run", run, "--fm", "vision:64", "--mode", "full", "--json",
+    # the factories are code: later commands call them only when trusted
+    code, _, err = run_cli(capsys, "embed", "--run", run, "--fm", "vision:64", "--mode", "full", "--no-progress")
+    assert code == cli.EXIT_ARGS and "--trust" in err
+    code, out, _ = run_cli(capsys, "embed", "--run", run, "--trust", "--fm", "vision:64", "--mode", "full", "--json",
                            "--no-progress")
     assert code == 0 and json.loads(out)["layers"][1]["dim"] == 1280
     from semlens_fast.data import digits
@@ -235,10 +238,10 @@ def test_collect_embed_custom_model(capsys, tmp_path, monkeypatch):
     from PIL import Image
 
     Image.fromarray(digits("train").images[0].numpy()).save(p)
-    code, out, _ = run_cli(capsys, "search", "--run", run, "--image", p, "--k", "3", "--json")
+    code, out, _ = run_cli(capsys, "search", "--run", run, "--trust", "--image", p, "--k", "3", "--json")
     assert code == 0 and len(json.loads(out)[0]["rows"]) == 3
     # a text query on a vision-only foundation model: a clear error, not a crash
-    code, _, err = run_cli(capsys, "search", "--run", run, "a digit")
+    code, _, err = run_cli(capsys, "search", "--run", run, "--trust", "a digit")
     assert code == cli.EXIT_ARGS and "text" in err.lower()
     # the same folder cannot be reused for another model
     code, _, err = run_cli(capsys, "collect", "--run", run, "--model", "semlens_fast.models:FashionCNN", "--data",
