@@ -624,7 +624,12 @@ def build_concept_db(
             man, diff = None, ["unreadable manifest"]
         if not diff:
             log.info("ConceptDB at %s matches; loading it", path)
-            return ConceptDB.load(path)
+            try:
+                return ConceptDB.load(path)
+            except StoreError as exc:
+                if not overwrite:
+                    raise
+                log.warning("ConceptDB at %s is damaged (%s); building it again", path, exc)
         if not overwrite:
             raise StoreError(
                 f"{path} holds a different ConceptDB (" + "; ".join(diff) + "); use another folder or overwrite=True"
