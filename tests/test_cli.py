@@ -160,9 +160,11 @@ def test_missing_and_mismatched_artifacts(demo, capsys, tmp_path):
     # a copy of the run whose labels.json comes from another run
     other = tmp_path / "copy"
     shutil.copytree(demo, other)
-    lab = read_json(other / "labels.json")
+    from semlens_fast._io import check_sealed_json, write_sealed_json
+
+    lab = check_sealed_json(read_json(other / "labels.json"), other / "labels.json")
     lab["run_id"] = "0" * 32
-    write_json(other / "labels.json", lab)
+    write_sealed_json(other / "labels.json", lab)  # intact, but another run's
     code, _, err = run_cli(capsys, "validate", "--run", other, "--layer", "conv3", "--keep", "Shirt")
     assert code == cli.EXIT_MISMATCH and "another run" in err
 
