@@ -801,7 +801,9 @@ def collect(
             if decision[0][0] == "error":
                 raise StoreError(decision[0][1])
             return TopKStore(decision[0][1], decision[0][2], final_path)
-    if path is not None:  # one writer per store folder: a second collect is refused, not mixed in
+    if path is not None and not ((path / "manifest.json").is_file() and not os.access(path, os.W_OK)):
+        # one writer per store folder: a second collect is refused, not mixed in (a read-only
+        # store can still be loaded when it is complete and matches)
         ensure_dir(path, "store")
         _LOCKS.stack.enter_context(locked(path, f"top-k store {path}"))
     batches: list[torch.Tensor] | None = None
