@@ -54,10 +54,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import inspect
 import logging
 import math
+import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -68,8 +71,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from . import __version__
-from ._io import hash_tensors
-from .errors import ArgumentError, DTypeError, ShapeError, StoreError
+from ._io import ensure_dir, hash_tensors, locked
+from .errors import ArgumentError, DeviceError, DTypeError, SemlensError, ShapeError, StoreError
 from ._batch import default_forward, first_tensor, to_device
 from .ops import POOLS, TopKState, pool_topk_update, topk_update
 from .store import (
@@ -96,6 +99,85 @@ class LayerNotCalledError(ArgumentError):
 
 class _StopForward(Exception):
     """Raised from the hook of the last requested layer to cut the forward pass short."""
+
+
+class ModelInputError(ArgumentError):
+    """The model cannot run on what the data set yields (wrong type, channels or shape)."""
+
+
+def check_device(device: Any, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that can run here; anything else raises :class:`DeviceError`."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise DeviceError(f"{what} must be a device string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DeviceError(f"{what} {device!r} is not a device ({str(exc).splitlines()[0][:120]}); use 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "meta":
+        raise DeviceError(f"{what} {device!r}: meta tensors hold no data; collect needs a real device ('cpu' or 'cuda')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{what} {device!r}: CUDA is not available on this machine; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{what} {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError(f"{what} {device!r}: MPS is not available on this machine; use 'cpu'")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as exc:  # noqa: BLE001 - any backend failure means "not usable here"
+            raise DeviceError(f"{what} {device!r} cannot be used here: {str(exc).splitlines()[0][:120]}") from None
+    return dev
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {list(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_describe(v) for v in x[:3])
+        return f"{type(x).__name__} of {len(x)} [{inner}{', ...' if len(x) > 3 else ''}]"
+    if isinstance(x, Mapping):
+        return "dict {" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in list(x.items())[:4]) + "}"
+    return type(x).__name__
+
+
+def _failing_module(model: nn.Module, run_forward: Callable, batch: Any) -> tuple[str, str] | None:
+    """Re-run a failed forward with pre-hooks to find the module it failed in: (name, its inputs)."""
+    last: list[tuple[str, str]] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(module: nn.Module, inputs: Any) -> None:
+        last.append((names.get(module, type(module).__name__) or "<model>", _describe(inputs[0] if len(inputs) == 1 else inputs)))
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    try:
+        with contextlib.suppress(Exception):
+            run_forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return last[-1] if last else None
+
+
+_LOCKS = threading.local()
+
+
+def _holds_store_lock(fn: Callable) -> Callable:
+    """Let ``fn`` take the store's write lock part-way (after validating its arguments) and
+    release it whichever way it returns."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        prev = getattr(_LOCKS, "stack", None)
+        with contextlib.ExitStack() as stack:
+            _LOCKS.stack = stack
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _LOCKS.stack = prev
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------- layer & pool specs
@@ -193,6 +275,19 @@ def _set_positions(state: TopKState, ids: torch.Tensor, pos: torch.Tensor) -> No
     state.positions[ch, slot] = p.to(torch.int32)
 
 
+def _check_state_memory(name: str, channels: int, k: int) -> None:
+    """Refuse a top-k state that cannot fit in memory (values f32 + ids i64 + positions i32)."""
+    need = channels * k * 16
+    try:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return
+    if need > avail:
+        raise ArgumentError(
+            f"k={k}: the top-k state of layer {name!r} ({channels} channels x {k}) needs {need / 2**30:.1f} GiB, more "
+            f"than this machine's {avail / 2**30:.1f} GiB; use a smaller k (at most the number of samples is useful)")
+
+
 class _Layer:
     def __init__(self, name: str, module: nn.Module, pool: PoolSpec, output: OutputSpec | None, k: int, strict_finite: bool):
         self.name = name
@@ -279,6 +374,7 @@ class _Layer:
                 f"{ids.shape[0]} samples; collect needs the batch dimension first"
             )
         if self.state is None:
+            _check_state_memory(self.name, int(C), self.k)
             self.state = TopKState.empty(int(C), self.k, act.device)
             self.shape, self.layout = list(act.shape[1:]) if layout != "BCL" else [act.shape[1], act.shape[3]], layout
         elif self.state.channels != C:
@@ -546,6 +642,7 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------- collect
 
 
+@_holds_store_lock
 def collect(
     model: nn.Module,
     data: Dataset | DataLoader,
@@ -655,7 +752,9 @@ def collect(
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+        if device.type == "meta":
+            raise DeviceError("model: its parameters are on the meta device (no data); load real weights or pass device=")
+    device = check_device(device)
     if autocast == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
         warnings.warn(
             "autocast=torch.bfloat16 on a CPU without bf16 instructions (avx512_bf16 / amx_bf16): "
@@ -702,6 +801,11 @@ def collect(
             if decision[0][0] == "error":
                 raise StoreError(decision[0][1])
             return TopKStore(decision[0][1], decision[0][2], final_path)
+    if path is not None and not ((path / "manifest.json").is_file() and not os.access(path, os.W_OK)):
+        # one writer per store folder: a second collect is refused, not mixed in (a read-only
+        # store can still be loaded when it is complete and matches)
+        ensure_dir(path, "store")
+        _LOCKS.stack.enter_context(locked(path, f"top-k store {path}"))
     batches: list[torch.Tensor] | None = None
     states: dict[str, TopKState] = {}
     done = 0
@@ -806,6 +910,7 @@ def collect(
     training = {m: m.training for m in model.modules()}
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
     loader = DataLoader(dataset, batch_sampler=_ListBatchSampler(batches[done:]), **loader_kwargs)
+    start = done
     amp = (lambda: torch.autocast(device_type=device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
     bar = tqdm(total=n_batches, initial=done, desc="collect", unit="batch", disable=not progress, leave=False)
     model.eval()
@@ -823,6 +928,19 @@ def collect(
                         run_forward(model, batch)
                 except _StopForward:
                     pass
+                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                    if bi != start or isinstance(exc, SemlensError):
+                        _note_checkpoint(exc, path, bi, done, n_batches)
+                        raise
+                    # the first batch of this call: the data most likely does not fit the model
+                    ctx["active"] = False
+                    where = _failing_module(model, run_forward, batch)
+                    loc = f" in module {where[0]!r} given {where[1]}" if where else ""
+                    raise ModelInputError(
+                        f"collect: the model fails on batch {bi} (samples {ids[:4].tolist()}{'...' if len(ids) > 4 else ''}){loc}: "
+                        f"{str(exc).splitlines()[0][:300]}. The data set yields {_describe(batch)}; check that it gives "
+                        "what the model expects (ds[i] is an input or (input, label); channels, dtype and size)"
+                    ) from exc
                 except BaseException as exc:
                     if path is not None and hasattr(exc, "add_note"):
                         exc.add_note(
@@ -857,6 +975,12 @@ def collect(
         return _merge_distributed(res, names, k, final_path, rank, world, result_meta)
     checkpoint(True)
     return TopKStore(states, result_meta, path)
+
+
+def _note_checkpoint(exc: BaseException, path: Path | None, bi: int, done: int, n_batches: int) -> None:
+    if path is not None and hasattr(exc, "add_note"):
+        exc.add_note(f"collect: batch {bi} failed; store {path} keeps its last checkpoint "
+                     f"({done} of {n_batches} batches) and resumes from it")
 
 
 def _load_matching(path: Path, fingerprints: Mapping[str, Any]) -> TopKStore:
