@@ -53,7 +53,6 @@ checkpointed every ``checkpoint_every`` batches, and resumes an interrupted run
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import inspect
 import logging
@@ -70,6 +69,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from . import __version__
 from ._io import hash_tensors
 from .errors import ArgumentError, DTypeError, ShapeError, StoreError
+from .layers import expand_layers, per_layer, split_input
 from ._batch import default_forward, first_tensor, to_device
 from .ops import POOLS, TopKState, pool_topk_update, topk_update
 from .store import (
@@ -102,32 +102,12 @@ class _StopForward(Exception):
 
 
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, nn.Module]:
-    """Map layer names (as ``model.named_modules()`` gives them) to modules.
+    """Map layer names (as ``model.named_modules()`` gives them), globs (``"encoder.layer.*.intermediate"``)
+    and ``name@input`` specs to modules; see :mod:`semlens_fast.layers`.
 
-    An unknown name raises :class:`ArgumentError` listing the closest real names.
+    An unknown name or a glob matching nothing raises :class:`ArgumentError` listing the closest real names.
     """
-    if isinstance(layers, str):
-        layers = [layers]
-    if not isinstance(layers, Sequence) or not layers:
-        raise ArgumentError(f"layers must be a module name or a non-empty list of names, got {layers!r}")
-    modules = dict(model.named_modules())
-    names = [n for n in modules if n]
-    out: dict[str, nn.Module] = {}
-    for name in layers:
-        if not isinstance(name, str):
-            raise ArgumentError(f"layers must hold module names (str), got {name!r} ({type(name).__name__})")
-        if name in out:
-            raise ArgumentError(f"layers lists {name!r} twice")
-        if name not in modules or name == "":
-            close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
-            if not close:  # e.g. "conv" vs "features.0": show names containing a part of it
-                close = [n for n in names if any(p and p in n for p in name.split("."))][:5] or names[:5]
-            raise ArgumentError(
-                f"layers: {name!r} is not a module of the model ({type(model).__name__}, "
-                f"{len(names)} named modules); closest names: {', '.join(repr(c) for c in close)}"
-            )
-        out[name] = modules[name]
-    return out
+    return expand_layers(model, layers)
 
 
 def _describe_callable(fn: Callable[..., Any]) -> str:
@@ -160,12 +140,7 @@ def _normalise_pool(spec: PoolSpec, layer: str) -> tuple[PoolSpec, str]:
 
 
 def _per_layer(spec: Any, names: Sequence[str], what: str, default: Any) -> dict[str, Any]:
-    if isinstance(spec, Mapping):
-        unknown = [n for n in spec if n not in names]
-        if unknown:
-            raise ArgumentError(f"{what} names layers {unknown} that are not in layers={list(names)}")
-        return {n: spec.get(n, default) for n in names}
-    return {n: spec for n in names}
+    return per_layer(spec, names, what, default)
 
 
 # ---------------------------------------------------------------------- per-layer collector
@@ -791,12 +766,13 @@ def collect(
 
     def make_hook(name: str):
         col = collectors[name]
+        reads_input = split_input(name)[1]
 
         def hook(module: nn.Module, inputs: Any, out: Any) -> None:
             if not ctx["active"] or name in ctx["fired"]:
                 return
             ctx["fired"].add(name)
-            col.update(out, ctx["ids"], ctx["mask"])
+            col.update(inputs if reads_input else out, ctx["ids"], ctx["mask"])
             if len(ctx["fired"]) == n_layers:
                 raise _StopForward
 
