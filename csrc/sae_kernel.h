@@ -1,0 +1,287 @@
+// Fused SAE encode + token pooling + streaming top-k, written once and compiled once per SIMD
+// level (sae_scalar.cpp, sae_avx2.cpp, sae_avx512.cpp define SLF_LEVEL and SLF_NS first).
+//
+// Work split: every thread owns a contiguous range of latent panels (NR latents each), so the
+// top-k lists of a latent are written by one thread only. Per panel: the W columns are packed
+// into a [d, NR] float32 buffer (any input dtype/strides), then every sample's rows go through an
+// MR x NR FMA micro-kernel; the epilogue adds the bias, stores the approximate pre-activations of
+// the sample, and pools the upper bounds act(p~ + eps). Only (sample, latent) pairs whose bound
+// reaches the latent's current k-th value are recomputed exactly (float64, sequential over d;
+// see semlens_fast/ops/sae.py for the definition and the bound).
+
+namespace SLF_NS {
+using namespace slf;
+
+#if SLF_LEVEL == 2
+constexpr int W = 16;
+using VF = __m512;
+static inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
+static inline VF vset1(float v) { return _mm512_set1_ps(v); }
+static inline VF vzero() { return _mm512_setzero_ps(); }
+static inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+static inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+static inline VF vabs(VF x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff))); }
+static inline VF vmax(VF a, VF b) { return _mm512_max_ps(a, b); }
+// lanes of x kept where x > t (ordered), else +0
+static inline VF vkeep_gt(VF x, VF t) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, t, _CMP_GT_OQ), x); }
+// all-ones lanes where x is not finite (x - x is NaN exactly for inf and NaN)
+static inline VF vnonfinite(VF x) {
+    return _mm512_castsi512_ps(_mm512_movm_epi32(_mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_sub_ps(x, x), _CMP_UNORD_Q)));
+}
+static inline VF vor(VF a, VF b) { return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))); }
+#elif SLF_LEVEL == 1
+constexpr int W = 8;
+using VF = __m256;
+static inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+static inline VF vset1(float v) { return _mm256_set1_ps(v); }
+static inline VF vzero() { return _mm256_setzero_ps(); }
+static inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+static inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+static inline VF vabs(VF x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+static inline VF vmax(VF a, VF b) { return _mm256_max_ps(a, b); }
+static inline VF vkeep_gt(VF x, VF t) { return _mm256_and_ps(_mm256_cmp_ps(x, t, _CMP_GT_OQ), x); }
+static inline VF vnonfinite(VF x) { VF z = _mm256_sub_ps(x, x); return _mm256_cmp_ps(z, z, _CMP_UNORD_Q); }
+static inline VF vor(VF a, VF b) { return _mm256_or_ps(a, b); }
+#else
+constexpr int W = 1;
+using VF = float;
+static inline VF vload(const float* p) { return *p; }
+static inline void vstore(float* p, VF v) { *p = v; }
+static inline VF vset1(float v) { return v; }
+static inline VF vzero() { return 0.0f; }
+static inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
+static inline VF vadd(VF a, VF b) { return a + b; }
+static inline VF vabs(VF x) { return std::fabs(x); }
+static inline VF vmax(VF a, VF b) { return a > b ? a : b; }
+static inline VF vkeep_gt(VF x, VF t) { return x > t ? x : 0.0f; }
+static inline VF vnonfinite(VF x) { float z = x - x; return z != z ? bits_to_f32(0xffffffffu) : 0.0f; }
+static inline VF vor(VF a, VF b) { return bits_to_f32(f32_to_bits(a) | f32_to_bits(b)); }
+#endif
+
+constexpr int NV = (W == 1) ? 4 : 2;   // vectors per panel row
+constexpr int NR = NV * W;              // latents per panel
+constexpr int MR = 6;                   // rows per micro-kernel block
+
+static inline float w_at(const SaeArgs& a, int64_t i, int64_t l) {
+    const int64_t off = i * a.swi + l * a.swl;
+    switch (a.wdtype) {
+        case F16: return f16_to_f32(static_cast<const uint16_t*>(a.W)[off]);
+        case BF16: return bf16_to_f32(static_cast<const uint16_t*>(a.W)[off]);
+        default: return static_cast<const float*>(a.W)[off];
+    }
+}
+
+// acc[r][v] = sum_i x[r][i] * panel[i][v] for M rows (any summation order is covered by the bound)
+template <int M>
+static inline void micro(const float* x, int64_t d, const float* panel, VF (&acc)[MR][NV]) {
+    for (int r = 0; r < M; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = vzero();
+    for (int64_t i = 0; i < d; ++i) {
+        VF w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = vload(panel + i * NR + v * W);
+        for (int r = 0; r < M; ++r) {
+            VF xb = vset1(x[r * d + i]);
+            for (int v = 0; v < NV; ++v) acc[r][v] = vfma(xb, w[v], acc[r][v]);
+        }
+    }
+}
+
+static inline void micro_rows(int m, const float* x, int64_t d, const float* panel, VF (&acc)[MR][NV]) {
+    switch (m) {
+        case 6: micro<6>(x, d, panel, acc); break;
+        case 5: micro<5>(x, d, panel, acc); break;
+        case 4: micro<4>(x, d, panel, acc); break;
+        case 3: micro<3>(x, d, panel, acc); break;
+        case 2: micro<2>(x, d, panel, acc); break;
+        default: micro<1>(x, d, panel, acc); break;
+    }
+}
+
+struct Panel {
+    const SaeArgs& a;
+    float* wp;      // [d, NR] packed columns
+    float* sbuf;    // [tmax, NR] approximate pre-activations of one sample
+    float bias[NR], epsA[NR], epsB[NR], gate[NR], thr[NR];
+    int64_t l0, nl;  // first latent, latents in this panel (<= NR)
+
+    // exact activation of row r, lane j (the definition: float64 sequential over d, then the bias)
+    inline float exact_act(int64_t r, int j) const {
+        const float* xr = a.x + r * a.d;
+        double s = 0.0;
+        for (int64_t i = 0; i < a.d; ++i) s += static_cast<double>(xr[i]) * static_cast<double>(wp[i * NR + j]);
+        s += static_cast<double>(bias[j]);
+        float pre = static_cast<float>(s);
+        if (pre != pre) return pre;
+        return pre > gate[j] ? pre : 0.0f;  // gate = max(threshold, 0), or 0 for ReLU
+    }
+
+    inline float act_of(float p, int j) const { return p > gate[j] ? p : 0.0f; }
+    inline float eps_of(float approx, float nx, int j) const {
+        return std::fabs(approx) * a.c2 + (nx * epsA[j] + epsB[j]);
+    }
+
+    void prepare(int64_t panel) {
+        l0 = panel * NR;
+        nl = a.L - l0 < NR ? a.L - l0 : NR;
+        for (int j = 0; j < NR; ++j) {
+            double ss = 0.0;
+            if (j < nl) {
+                float s2 = 0.0f;
+                for (int64_t i = 0; i < a.d; ++i) {
+                    float w = w_at(a, i, l0 + j);
+                    wp[i * NR + j] = w;
+                    s2 += w * w;
+                }
+                ss = s2;
+                bias[j] = a.benc[l0 + j];
+                float g = a.thr != nullptr ? a.thr[l0 + j] : 0.0f;
+                gate[j] = g > 0.0f ? g : 0.0f;
+                thr[j] = a.vals[(l0 + j) * a.k + a.k - 1];
+            } else {
+                for (int64_t i = 0; i < a.d; ++i) wp[i * NR + j] = 0.0f;
+                bias[j] = 0.0f; gate[j] = 0.0f; thr[j] = INFINITY;
+            }
+            float nw = std::sqrt(static_cast<float>(ss));
+            epsA[j] = a.c1 * nw;
+            epsB[j] = a.c1 * std::fabs(bias[j]) + a.c0;
+        }
+    }
+
+    // exact pooled value and position of (sample rows [r0, r1), lane j); all_exact: recompute every row
+    void exact_pool(int64_t r0, int64_t r1, int j, bool all_exact, float& val, int32_t& pos) const {
+        const int64_t n = r1 - r0;
+        if (a.pool == POOL_MAX) {
+            float lbmax = 0.0f;
+            if (!all_exact) {
+                for (int64_t r = r0; r < r1; ++r) {
+                    float ap = sbuf[(r - r0) * NR + j];
+                    float lb = act_of(ap - eps_of(ap, a.nx[r], j), j);
+                    lbmax = lb > lbmax ? lb : lbmax;
+                }
+            }
+            float best = -INFINITY;
+            int64_t best_r = r0;
+            bool nan = false;
+            for (int64_t r = r0; r < r1; ++r) {
+                float v;
+                if (all_exact) {
+                    v = exact_act(r, j);
+                } else {
+                    float ap = sbuf[(r - r0) * NR + j];
+                    float ub = act_of(ap + eps_of(ap, a.nx[r], j), j);
+                    if (ub == 0.0f) v = 0.0f;            // act(pre) <= act(ub) = 0
+                    else if (ub < lbmax) continue;       // cannot reach the maximum
+                    else v = exact_act(r, j);
+                }
+                if (v != v) { nan = true; break; }
+                if (v > best) { best = v; best_r = r; }
+            }
+            val = nan ? NAN : best;
+            pos = a.track ? a.row_tok[best_r] : -1;
+        } else {
+            double s = 0.0;
+            for (int64_t r = r0; r < r1; ++r) {
+                float v;
+                if (all_exact) {
+                    v = exact_act(r, j);
+                } else {
+                    float ap = sbuf[(r - r0) * NR + j];
+                    float ub = act_of(ap + eps_of(ap, a.nx[r], j), j);
+                    v = ub == 0.0f ? 0.0f : exact_act(r, j);
+                }
+                s += static_cast<double>(v);
+            }
+            if (a.pool == POOL_MEAN) s /= static_cast<double>(n);
+            val = static_cast<float>(s);
+            pos = -1;
+        }
+    }
+
+    void insert(int j, int64_t b, float v, int32_t p) {
+        const int64_t l = l0 + j;
+        if (v != v) { a.nan_counts[l] += 1; return; }
+        float* vals = a.vals + l * a.k;
+        int64_t* ids = a.ids + l * a.k;
+        insert_entry(vals, ids, a.pos + l * a.k, a.k, v, a.sample_ids[b], p);
+        thr[j] = vals[a.k - 1];
+    }
+
+    void run_sample(int64_t b) {
+        const int64_t r0 = a.row_off[b], r1 = a.row_off[b + 1];
+        if (r1 <= r0) return;  // no valid token: counted by the caller
+        VF bv[NV], av[NV], bb[NV], gv[NV], pooled[NV], nf[NV];
+        for (int v = 0; v < NV; ++v) {
+            bv[v] = vload(bias + v * W); av[v] = vload(epsA + v * W); bb[v] = vload(epsB + v * W);
+            gv[v] = vload(gate + v * W); pooled[v] = vzero(); nf[v] = vzero();
+        }
+        const VF c2 = vset1(a.c2);
+        VF acc[MR][NV];
+        for (int64_t r = r0; r < r1; r += MR) {
+            const int m = static_cast<int>(r1 - r < MR ? r1 - r : MR);
+            micro_rows(m, a.x + r * a.d, a.d, wp, acc);
+            for (int i = 0; i < m; ++i) {
+                const VF nx = vset1(a.nx[r + i]);
+                float* srow = sbuf + (r + i - r0) * NR;
+                for (int v = 0; v < NV; ++v) {
+                    VF ap = vadd(acc[i][v], bv[v]);
+                    vstore(srow + v * W, ap);
+                    VF ub = vadd(ap, vfma(vabs(ap), c2, vfma(nx, av[v], bb[v])));
+                    nf[v] = vor(nf[v], vnonfinite(ub));
+                    VF au = vkeep_gt(ub, gv[v]);
+                    pooled[v] = a.pool == POOL_MAX ? vmax(pooled[v], au) : vadd(pooled[v], au);
+                }
+            }
+        }
+        alignas(64) float pu[NR];
+        alignas(64) float fl[NR];
+        for (int v = 0; v < NV; ++v) { vstore(pu + v * W, pooled[v]); vstore(fl + v * W, nf[v]); }
+        const int64_t n = r1 - r0;
+        for (int j = 0; j < nl; ++j) {
+            const bool nonfinite = f32_to_bits(fl[j]) != 0u;
+            bool cand;
+            if (nonfinite) {
+                cand = true;
+            } else if (a.pool == POOL_MAX) {
+                cand = pu[j] >= thr[j];
+            } else {
+                double ub = static_cast<double>(pu[j]) * (1.0 + (2.0 * static_cast<double>(n) + 8.0) * 0x1p-24);
+                if (a.pool == POOL_MEAN) ub = ub / static_cast<double>(n) * (1.0 + 0x1p-22);
+                cand = ub >= static_cast<double>(thr[j]);
+            }
+            if (!cand) continue;
+            float val; int32_t p;
+            exact_pool(r0, r1, j, nonfinite, val, p);
+            if (val != val) { a.nan_counts[l0 + j] += 1; continue; }
+            float* vals = a.vals + (l0 + j) * a.k;
+            int64_t* ids = a.ids + (l0 + j) * a.k;
+            if (better(val, a.sample_ids[b], vals[a.k - 1], ids[a.k - 1])) insert(j, b, val, p);
+        }
+    }
+};
+
+void sae_topk(const SaeArgs& a) {
+    const int64_t npanels = (a.L + NR - 1) / NR;
+    int nt = a.nthreads;
+    if (npanels < nt) nt = static_cast<int>(npanels);
+    if (static_cast<double>(a.R) * static_cast<double>(a.L) * static_cast<double>(a.d) < 2e6) nt = 1;
+    if (nt < 1) nt = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t per = (npanels + n - 1) / n;
+        const int64_t p0 = t * per, p1 = p0 + per < npanels ? p0 + per : npanels;
+        if (p0 < p1) {
+            float* wp = static_cast<float*>(std::malloc(sizeof(float) * (a.d * NR + a.tmax * NR + 64)));
+            Panel pn{a, wp, wp + a.d * NR, {}, {}, {}, {}, {}, 0, 0};
+            for (int64_t p = p0; p < p1; ++p) {
+                pn.prepare(p);
+                for (int64_t b = 0; b < a.B; ++b) pn.run_sample(b);
+            }
+            std::free(wp);
+        }
+    }
+}
+
+}  // namespace SLF_NS
