@@ -5,6 +5,8 @@
 
 namespace slf {
 
+constexpr int SAE_NR = 16;  // latents per packed panel
+
 struct SaeArgs {
     float* vals;          // [L, k] state
     int64_t* ids;         // [L, k]
@@ -17,9 +19,8 @@ struct SaeArgs {
     const int64_t* row_off;  // [B + 1] rows of sample b: [row_off[b], row_off[b + 1])
     const int32_t* row_tok;  // [R] token index of each row
     int64_t B, tmax;         // samples; most rows of one sample
-    const void* W;           // W_enc element (i, l) at W[i * swi + l * swl]
-    int wdtype;
-    int64_t swi, swl;
+    const float* wpacked;    // [ceil(L / 16), d, 16] packed W_enc (sae_pack)
+    const float* wnorm;      // [L] float32 column norms of W_enc
     const float* benc;       // [L] float32
     const float* thr;        // [L] float32 JumpReLU thresholds, or nullptr (ReLU)
     const int64_t* sample_ids;  // [B]

@@ -1,4 +1,5 @@
 // The SAE top-k kernel compiled for the avx2 SIMD level (chosen at run time in sae.cpp).
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <immintrin.h>

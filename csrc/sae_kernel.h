@@ -60,22 +60,15 @@ static inline VF vnonfinite(VF x) { float z = x - x; return z != z ? bits_to_f32
 static inline VF vor(VF a, VF b) { return bits_to_f32(f32_to_bits(a) | f32_to_bits(b)); }
 #endif
 
-constexpr int NV = (W == 1) ? 4 : 2;   // vectors per panel row
-constexpr int NR = NV * W;              // latents per panel
-constexpr int MR = 6;                   // rows per micro-kernel block
-
-static inline float w_at(const SaeArgs& a, int64_t i, int64_t l) {
-    const int64_t off = i * a.swi + l * a.swl;
-    switch (a.wdtype) {
-        case F16: return f16_to_f32(static_cast<const uint16_t*>(a.W)[off]);
-        case BF16: return bf16_to_f32(static_cast<const uint16_t*>(a.W)[off]);
-        default: return static_cast<const float*>(a.W)[off];
-    }
-}
+constexpr int NR = SAE_NR;              // latents per panel (16 at every level: one packing)
+constexpr int NV = NR / W;              // vectors per panel row
+constexpr int MR = W == 16 ? 12 : (W == 8 ? 6 : 1);  // rows per micro-kernel block
 
 // acc[r][v] = sum_i x[r][i] * panel[i][v] for M rows (any summation order is covered by the bound)
 template <int M>
-static inline void micro(const float* x, int64_t d, const float* panel, VF (&acc)[MR][NV]) {
+static inline void micro(const float* __restrict x, int64_t d, const float* __restrict panel, VF (&out)[MR][NV]) {
+    static_assert(M <= MR, "rows per block");
+    VF acc[M][NV];  // local accumulators (registers); written out once at the end
     for (int r = 0; r < M; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = vzero();
     for (int64_t i = 0; i < d; ++i) {
@@ -86,35 +79,59 @@ static inline void micro(const float* x, int64_t d, const float* panel, VF (&acc
             for (int v = 0; v < NV; ++v) acc[r][v] = vfma(xb, w[v], acc[r][v]);
         }
     }
+    for (int r = 0; r < M; ++r)
+        for (int v = 0; v < NV; ++v) out[r][v] = acc[r][v];
 }
 
 static inline void micro_rows(int m, const float* x, int64_t d, const float* panel, VF (&acc)[MR][NV]) {
     switch (m) {
+#if SLF_LEVEL == 2
+        case 12: micro<12>(x, d, panel, acc); break;
+        case 11: micro<11>(x, d, panel, acc); break;
+        case 10: micro<10>(x, d, panel, acc); break;
+        case 9: micro<9>(x, d, panel, acc); break;
+        case 8: micro<8>(x, d, panel, acc); break;
+        case 7: micro<7>(x, d, panel, acc); break;
+#endif
+#if SLF_LEVEL >= 1
         case 6: micro<6>(x, d, panel, acc); break;
         case 5: micro<5>(x, d, panel, acc); break;
         case 4: micro<4>(x, d, panel, acc); break;
         case 3: micro<3>(x, d, panel, acc); break;
         case 2: micro<2>(x, d, panel, acc); break;
+#endif
         default: micro<1>(x, d, panel, acc); break;
     }
 }
 
 struct Panel {
     const SaeArgs& a;
-    float* wp;      // [d, NR] packed columns
+    const float* wp;  // [d, NR] packed columns of the current panel
     float* sbuf;    // [tmax, NR] approximate pre-activations of one sample
+    float* ebuf;    // [tmax, NR] exact activations of the rows computed so far (ehave)
+    uint8_t* ehave; // [tmax]
     float bias[NR], epsA[NR], epsB[NR], gate[NR], thr[NR];
     int64_t l0, nl;  // first latent, latents in this panel (<= NR)
 
-    // exact activation of row r, lane j (the definition: float64 sequential over d, then the bias)
-    inline float exact_act(int64_t r, int j) const {
+    // Exact activations of row r for all NR lanes (the definition: float64, sequential over d per
+    // lane, then the bias, one rounding); computed once per row and sample, vectorised across lanes.
+    inline const float* exact_row(int64_t r, int64_t r0) {
+        float* out = ebuf + (r - r0) * NR;
+        if (ehave[r - r0]) return out;
+        ehave[r - r0] = 1;
         const float* xr = a.x + r * a.d;
-        double s = 0.0;
-        for (int64_t i = 0; i < a.d; ++i) s += static_cast<double>(xr[i]) * static_cast<double>(wp[i * NR + j]);
-        s += static_cast<double>(bias[j]);
-        float pre = static_cast<float>(s);
-        if (pre != pre) return pre;
-        return pre > gate[j] ? pre : 0.0f;  // gate = max(threshold, 0), or 0 for ReLU
+        double acc[NR];
+        for (int j = 0; j < NR; ++j) acc[j] = 0.0;
+        for (int64_t i = 0; i < a.d; ++i) {
+            const double xi = static_cast<double>(xr[i]);
+            const float* w = wp + i * NR;
+            for (int j = 0; j < NR; ++j) acc[j] += xi * static_cast<double>(w[j]);
+        }
+        for (int j = 0; j < NR; ++j) {
+            const float pre = static_cast<float>(acc[j] + static_cast<double>(bias[j]));
+            out[j] = pre != pre ? pre : (pre > gate[j] ? pre : 0.0f);  // gate = max(threshold, 0), 0 for ReLU
+        }
+        return out;
     }
 
     inline float act_of(float p, int j) const { return p > gate[j] ? p : 0.0f; }
@@ -125,32 +142,23 @@ struct Panel {
     void prepare(int64_t panel) {
         l0 = panel * NR;
         nl = a.L - l0 < NR ? a.L - l0 : NR;
+        wp = a.wpacked + panel * a.d * NR;
         for (int j = 0; j < NR; ++j) {
-            double ss = 0.0;
             if (j < nl) {
-                float s2 = 0.0f;
-                for (int64_t i = 0; i < a.d; ++i) {
-                    float w = w_at(a, i, l0 + j);
-                    wp[i * NR + j] = w;
-                    s2 += w * w;
-                }
-                ss = s2;
                 bias[j] = a.benc[l0 + j];
                 float g = a.thr != nullptr ? a.thr[l0 + j] : 0.0f;
                 gate[j] = g > 0.0f ? g : 0.0f;
                 thr[j] = a.vals[(l0 + j) * a.k + a.k - 1];
+                epsA[j] = a.c1 * a.wnorm[l0 + j];
             } else {
-                for (int64_t i = 0; i < a.d; ++i) wp[i * NR + j] = 0.0f;
-                bias[j] = 0.0f; gate[j] = 0.0f; thr[j] = INFINITY;
+                bias[j] = 0.0f; gate[j] = 0.0f; thr[j] = INFINITY; epsA[j] = 0.0f;
             }
-            float nw = std::sqrt(static_cast<float>(ss));
-            epsA[j] = a.c1 * nw;
             epsB[j] = a.c1 * std::fabs(bias[j]) + a.c0;
         }
     }
 
     // exact pooled value and position of (sample rows [r0, r1), lane j); all_exact: recompute every row
-    void exact_pool(int64_t r0, int64_t r1, int j, bool all_exact, float& val, int32_t& pos) const {
+    void exact_pool(int64_t r0, int64_t r1, int j, bool all_exact, float& val, int32_t& pos) {
         const int64_t n = r1 - r0;
         if (a.pool == POOL_MAX) {
             float lbmax = 0.0f;
@@ -167,13 +175,13 @@ struct Panel {
             for (int64_t r = r0; r < r1; ++r) {
                 float v;
                 if (all_exact) {
-                    v = exact_act(r, j);
+                    v = exact_row(r, r0)[j];
                 } else {
                     float ap = sbuf[(r - r0) * NR + j];
                     float ub = act_of(ap + eps_of(ap, a.nx[r], j), j);
                     if (ub == 0.0f) v = 0.0f;            // act(pre) <= act(ub) = 0
                     else if (ub < lbmax) continue;       // cannot reach the maximum
-                    else v = exact_act(r, j);
+                    else v = exact_row(r, r0)[j];
                 }
                 if (v != v) { nan = true; break; }
                 if (v > best) { best = v; best_r = r; }
@@ -185,11 +193,11 @@ struct Panel {
             for (int64_t r = r0; r < r1; ++r) {
                 float v;
                 if (all_exact) {
-                    v = exact_act(r, j);
+                    v = exact_row(r, r0)[j];
                 } else {
                     float ap = sbuf[(r - r0) * NR + j];
                     float ub = act_of(ap + eps_of(ap, a.nx[r], j), j);
-                    v = ub == 0.0f ? 0.0f : exact_act(r, j);
+                    v = ub == 0.0f ? 0.0f : exact_row(r, r0)[j];
                 }
                 s += static_cast<double>(v);
             }
@@ -238,6 +246,7 @@ struct Panel {
         alignas(64) float fl[NR];
         for (int v = 0; v < NV; ++v) { vstore(pu + v * W, pooled[v]); vstore(fl + v * W, nf[v]); }
         const int64_t n = r1 - r0;
+        std::memset(ehave, 0, static_cast<size_t>(n));
         for (int j = 0; j < nl; ++j) {
             const bool nonfinite = f32_to_bits(fl[j]) != 0u;
             bool cand;
@@ -261,25 +270,62 @@ struct Panel {
     }
 };
 
+// Pack W_enc into panels [L / NR][d][NR] float32 (zero columns past L) and the column norms.
+void sae_pack(const void* Wv, int wdtype, int64_t swi, int64_t swl, int64_t d, int64_t L, float* out, float* norms,
+              int nthreads) {
+    const int64_t npanels = (L + NR - 1) / NR;
+    int nt = static_cast<double>(d) * static_cast<double>(L) < 1e6 ? 1 : nthreads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t p = 0; p < npanels; ++p) {
+        float* o = out + p * d * NR;
+        float s2[NR];
+        for (int j = 0; j < NR; ++j) s2[j] = 0.0f;
+        for (int64_t i = 0; i < d; ++i) {
+            for (int j = 0; j < NR; ++j) {
+                const int64_t l = p * NR + j;
+                float w = 0.0f;
+                if (l < L) {
+                    const int64_t off = i * swi + l * swl;
+                    w = wdtype == F16 ? f16_to_f32(static_cast<const uint16_t*>(Wv)[off])
+                        : wdtype == BF16 ? bf16_to_f32(static_cast<const uint16_t*>(Wv)[off])
+                        : static_cast<const float*>(Wv)[off];
+                }
+                o[i * NR + j] = w;
+                s2[j] += w * w;
+            }
+        }
+        for (int j = 0; j < NR && p * NR + j < L; ++j) norms[p * NR + j] = std::sqrt(s2[j]);
+    }
+}
+
 void sae_topk(const SaeArgs& a) {
     const int64_t npanels = (a.L + NR - 1) / NR;
     int nt = a.nthreads;
     if (npanels < nt) nt = static_cast<int>(npanels);
     if (static_cast<double>(a.R) * static_cast<double>(a.L) * static_cast<double>(a.d) < 2e6) nt = 1;
     if (nt < 1) nt = 1;
+    // blocks of whole samples whose rows fit in about 192 KB (L2), reused by every panel
+    const int64_t block_rows = std::max<int64_t>(MR, (192 * 1024) / (4 * std::max<int64_t>(1, a.d)));
 #pragma omp parallel num_threads(nt)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t per = (npanels + n - 1) / n;
         const int64_t p0 = t * per, p1 = p0 + per < npanels ? p0 + per : npanels;
         if (p0 < p1) {
-            float* wp = static_cast<float*>(std::malloc(sizeof(float) * (a.d * NR + a.tmax * NR + 64)));
-            Panel pn{a, wp, wp + a.d * NR, {}, {}, {}, {}, {}, 0, 0};
-            for (int64_t p = p0; p < p1; ++p) {
-                pn.prepare(p);
-                for (int64_t b = 0; b < a.B; ++b) pn.run_sample(b);
+            float* sb = static_cast<float*>(std::malloc(sizeof(float) * (2 * a.tmax * NR + 64) + a.tmax + 64));
+            Panel pn{a, nullptr, sb, sb + a.tmax * NR, reinterpret_cast<uint8_t*>(sb + 2 * a.tmax * NR + 64),
+                     {}, {}, {}, {}, {}, 0, 0};
+            int64_t b0 = 0;
+            while (b0 < a.B) {
+                int64_t b1 = b0 + 1;
+                while (b1 < a.B && a.row_off[b1 + 1] - a.row_off[b0] <= block_rows) ++b1;
+                for (int64_t p = p0; p < p1; ++p) {
+                    pn.prepare(p);
+                    for (int64_t b = b0; b < b1; ++b) pn.run_sample(b);
+                }
+                b0 = b1;
             }
-            std::free(wp);
+            std::free(sb);
         }
     }
 }

@@ -35,6 +35,27 @@ def rows_of(x: torch.Tensor, b_dec, mask):
     return rows.contiguous(), off, tok.contiguous(), tmax, counts
 
 
+NR = 16
+_packed: dict[str, object] = {}
+
+
+def packed(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(panels [ceil(L/16) * d * 16] f32, norms [L] f32)`` of ``W [d, L]``, cached for the last W."""
+    key = (W.data_ptr(), tuple(W.shape), W.stride(), W.dtype, W._version, W.storage_offset())
+    hit = _packed.get("key")
+    if hit == key:
+        return _packed["value"]  # type: ignore[return-value]
+    d, L = W.shape
+    out = torch.empty(((L + NR - 1) // NR) * d * NR, dtype=torch.float32)
+    norms = torch.empty(L, dtype=torch.float32)
+    swi, swl = W.stride()
+    _backend.extension().sae_pack(W.data_ptr(), _DTYPE[W.dtype], swi, swl, d, L, out.data_ptr(), norms.data_ptr(),
+                                  _backend.num_threads())
+    _packed.clear()
+    _packed.update(key=key, value=(out, norms), ref=W)
+    return out, norms
+
+
 def sae_topk_update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activation, threshold, b_dec, mask) -> None:
     ext = _backend.extension()
     rows, off, tok, tmax, counts = rows_of(x, b_dec, mask)
@@ -47,11 +68,11 @@ def sae_topk_update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activat
     benc = b_enc.float().contiguous()
     thr = threshold.float().contiguous() if threshold is not None else None
     c0, c1, c2 = eps_constants(d)
-    swi, swl = W_enc.stride()
+    wp, wn = packed(W_enc)
     ext.sae_topk_update(
         state.values.data_ptr(), state.ids.data_ptr(), state.positions.data_ptr(), state.nan_counts.data_ptr(),
         L, state.k, rows.data_ptr(), nx.data_ptr(), int(rows.shape[0]), d, off.data_ptr(), tok.data_ptr(),
-        int(off.shape[0] - 1), max(tmax, 1), W_enc.data_ptr(), _DTYPE[W_enc.dtype], swi, swl, benc.data_ptr(),
+        int(off.shape[0] - 1), max(tmax, 1), wp.data_ptr(), wn.data_ptr(), benc.data_ptr(),
         thr.data_ptr() if thr is not None else 0, sample_ids.data_ptr(), _POOL[pool], pool == "max",
         c0, c1, c2, _backend.num_threads(),
     )
