@@ -184,6 +184,7 @@ class _Layer:
         self._snap: list[torch.Tensor] | None = None
         self._nan_total = 0
         self._full = False
+        self.sae: Any = None
         if callable(pool) and not isinstance(pool, (str, int)):
             with contextlib.suppress(TypeError, ValueError):
                 self.pool_takes_mask = "mask" in inspect.signature(pool).parameters
@@ -244,8 +245,42 @@ class _Layer:
         if pos is not None:
             _set_positions(st, ids, pos)
 
+    def _update_sae(self, act: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """The layer's components are the latents of ``self.sae``: fused encode + pool + top-k."""
+        sae = self.sae
+        if act.dim() not in (2, 3) or act.shape[-1] != sae.d:
+            raise ShapeError(
+                f"layer {self.name!r}: the SAE {sae.name!r} reads [B, T, d] or [B, d] activations of width d = {sae.d} "
+                f"(W_enc {tuple(sae.W_enc.shape)}), but the layer's output has shape {tuple(act.shape)}"
+            )
+        B = act.shape[0]
+        if B != ids.shape[0]:
+            raise ShapeError(f"layer {self.name!r}: output has batch size {B} (shape {tuple(act.shape)}) but the batch has {ids.shape[0]} samples")
+        if self.state is None:
+            self.state = TopKState.empty(sae.L, self.k, act.device)
+            self.shape = list(act.shape[1:-1]) + [sae.L]
+            self.layout = "BTC" if act.dim() == 3 else "BC"
+            if sae.device != act.device:
+                self.sae = sae = sae.to(act.device)
+        if ids.device != act.device:
+            ids = ids.to(act.device)
+        if mask is not None and act.dim() == 3:
+            if tuple(mask.shape) != tuple(act.shape[:2]):
+                raise ShapeError(f"layer {self.name!r}: attention mask has shape {tuple(mask.shape)} but the tokens are {tuple(act.shape[:2])} [B, T]")
+            mask = mask.to(act.device, torch.bool)
+        else:
+            mask = None
+        if act.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            act = act.float()
+        before = int(self.state.nan_counts.sum())
+        sae.topk_update(self.state, act, ids, pool=self.pool, mask=mask)  # type: ignore[arg-type]
+        self._warn(int(self.state.nan_counts.sum()) - before)
+
     # -- main entry, called from the forward hook
     def update(self, out: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.sae is not None:
+            self._update_sae(self._select(out), ids, mask)
+            return
         act, layout, C = self._layout(self._select(out))
         B = act.shape[0]
         if B != ids.shape[0]:
@@ -543,6 +578,7 @@ def collect(
     dataset_fp: str | None = None,
     distributed: bool | None = None,
     strict_finite: bool = False,
+    sae: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> TopKStore:
     """Stream ``data`` through ``model`` and keep the top-``k`` samples of every channel of ``layers``.
@@ -577,6 +613,10 @@ def collect(
             :mod:`semlens_fast.distributed`.
         strict_finite: also count ``-inf`` pooled values that cannot reach the top-k
             (one extra read of each activation).
+        sae: ``{layer or glob: SparseAutoencoder}``: the components of these layers are the SAE's
+            latents (fused :func:`~semlens_fast.ops.sae_topk_update`; pools ``max``/``mean``/``sum``;
+            the layer's output must be ``[B, T, d]`` or ``[B, d]`` with ``d`` the SAE's width).
+            Layers named here but not in ``layers`` are added.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -593,13 +633,27 @@ def collect(
         raise ArgumentError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ArgumentError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    if sae is not None and not isinstance(sae, Mapping):
+        raise ArgumentError(f"sae must be a mapping {{layer: SparseAutoencoder}}, got {type(sae).__name__}")
+    if sae:
+        extra = [n for n in sae if n not in ([layers] if isinstance(layers, str) else list(layers))]
+        layers = ([layers] if isinstance(layers, str) else list(layers)) + extra
     modules = resolve_layers(model, layers)
     names = list(modules)
+    saes = _per_layer(sae or {}, names, "sae", None)
+    for n, s_ in saes.items():
+        if s_ is None:
+            continue
+        if not all(hasattr(s_, a) for a in ("topk_update", "d", "L", "fingerprint")):
+            raise ArgumentError(f"sae for layer {n!r} must be a semlens_fast.sae.SparseAutoencoder, got {type(s_).__name__}")
     pools_raw = _per_layer(pool, names, "pool", "max")
     pools: dict[str, PoolSpec] = {}
     pool_desc: dict[str, str] = {}
     for n in names:
         pools[n], pool_desc[n] = _normalise_pool(pools_raw[n], n)
+    for n, s_ in saes.items():
+        if s_ is not None and pools[n] not in ("max", "mean", "sum"):
+            raise ArgumentError(f"pool for SAE layer {n!r} must be 'max', 'mean' or 'sum', got {pool_desc[n]!r}")
     outputs = _per_layer(output, names, "output", None)
     for n, fn in outputs.items():
         if fn is not None and not callable(fn):
@@ -647,6 +701,7 @@ def collect(
         "outputs": {n: (_describe_callable(f) if f is not None else "first_tensor") for n, f in outputs.items()},
         "k": k,
         "autocast": str(autocast) if autocast is not None else None,
+        **({"sae": {n: s_.describe() for n, s_ in saes.items() if s_ is not None}} if any(v is not None for v in saes.values()) else {}),
         "library_version": __version__,
     }
     if distributed:
@@ -724,6 +779,8 @@ def collect(
     n_samples = int(sum(len(b) for b in batches))
 
     collectors = {n: _Layer(n, modules[n], pools[n], outputs[n], k, strict_finite) for n in names}
+    for n, s_ in saes.items():
+        collectors[n].sae = s_
     for n, st in states.items():
         collectors[n].state = st.to(device) if st.device != device else st
         collectors[n].shape = prev_meta.get("shapes", {}).get(n)
