@@ -129,3 +129,61 @@ def search_scores(lens: Any, components: Sequence[tuple[str, int]], sel: dict[st
     return {"features": res, "worst": worst,
             "worst_precision": scored[worst]["precision"] if worst else None,
             "mean_precision": round(sum(e["precision"] for e in scored.values()) / len(scored), 3) if scored else None}
+
+
+def known_answer_run(n_docs: int = 400, *, neuron_layers: str | Sequence[str] = "encoder.layer.[24].intermediate",
+                     sae_layer: str | None = "encoder.layer.3", sae_latents: int = 256, sae_steps: int = 1500,
+                     k: int = 8, radius: int = 4, seed: int = 0, threshold: float = 0.7, m: int = 10,
+                     cache_dir: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """The whole known-answer measurement on the real MiniLM: planted corpus -> collect (MLP neurons of
+    ``neuron_layers`` and the latents of an SAE trained on ``sae_layer``) -> token windows embedded by
+    MiniLM -> ``Lens.search(description)`` per feature -> precision@m against the text-only truth.
+    Returns ``{"neurons": search_scores(...), "sae": ..., "config": ...}``."""
+    import torch
+
+    from .collect import collect
+    from .concepts import build_concept_db
+    from .examples import token_windows, window_texts
+    from .foundation import SentenceTransformerText
+    from .lens import Lens
+    from .sae import minilm, trained_minilm_sae
+
+    docs, _ = planted_corpus(n_docs, seed=seed)
+    tok, model = minilm()
+    enc = tok(docs, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+
+    class _Docs(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(docs)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i]}
+
+    sae = {}
+    if sae_layer is not None:
+        sae = {sae_layer: trained_minilm_sae(docs, layer=sae_layer, L=sae_latents, steps=sae_steps, seed=seed,
+                                             cache_dir=cache_dir)}
+    layers = [neuron_layers] if isinstance(neuron_layers, str) else list(neuron_layers)
+    store = collect(model, _Docs(), layers, k=k, sae=sae, batch_size=64, progress=progress)
+    fm = SentenceTransformerText()
+    db = build_concept_db(store, fm, mode="text", input_ids=enc["input_ids"], tokenizer=tok,
+                          attention_mask=enc["attention_mask"], radius=radius, progress=progress)
+    out: dict[str, Any] = {"config": {"n_docs": n_docs, "neuron_layers": layers, "sae_layer": sae_layer,
+                                      "sae_latents": sae_latents, "k": k, "radius": radius, "seed": seed,
+                                      "threshold": threshold, "m": m}}
+    groups = {"neurons": [n for n in store.keys() if n not in sae], "sae": list(sae)}
+    for group, names in groups.items():
+        if not names:
+            continue
+        comps, wins = [], []
+        for n in names:
+            le = token_windows(store, n, enc["attention_mask"], radius)
+            for c in range(le.channels):
+                keys = torch.cat([le.ids[c].unsqueeze(1), le.boxes[c]], 1)[le.valid[c]]
+                comps.append((n, c))
+                wins.append(window_texts(enc["input_ids"], tok, keys))
+        sel = selectivity(wins)
+        lens = Lens({n: db[n].embeddings for n in names}, fm)
+        out[group] = search_scores(lens, comps, sel, threshold=threshold, m=m)
+        out[group]["components"] = len(comps)
+    return out
