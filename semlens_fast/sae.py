@@ -126,6 +126,26 @@ class SparseAutoencoder:
                                  activation=self.activation, threshold=mv(self.threshold),
                                  apply_b_dec_to_input=self.apply_b_dec_to_input, name=self.name, cfg=self.cfg)
 
+    def shard(self, rank: int | None = None, world: int | None = None) -> "SparseAutoencoder":
+        """The SAE restricted to this rank's contiguous range of latents (see
+        :func:`semlens_fast.distributed.shard_range`): shard by component across ranks, every rank
+        streaming all the data; :func:`semlens_fast.distributed.gather_components` joins the states."""
+        from .distributed import shard_range
+
+        l0, l1 = shard_range(self.L, rank, world)
+        return self.latents(l0, l1)
+
+    def latents(self, start: int, stop: int) -> "SparseAutoencoder":
+        """The SAE of latents ``[start, stop)`` (views, no copy)."""
+        if not 0 <= start <= stop <= self.L:
+            raise ArgumentError(f"latent range [{start}, {stop}) is not inside [0, {self.L})")
+        sl = slice(start, stop)
+        return SparseAutoencoder(self.W_enc[:, sl], self.b_enc[sl], self.b_dec,
+                                 None if self.W_dec is None else self.W_dec[sl],
+                                 activation=self.activation, threshold=None if self.threshold is None else self.threshold[sl],
+                                 apply_b_dec_to_input=self.apply_b_dec_to_input, name=f"{self.name}[{start}:{stop}]",
+                                 cfg=dict(self.cfg, latent_range=[start, stop]))
+
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the encoder tensors and the activation (what a collect run records)."""

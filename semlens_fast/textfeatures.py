@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+# "may" is left out: as a modal verb it is everywhere in English prose and would blur the truth
+MONTHS = ("january", "february", "march", "april", "june", "july", "august", "september", "october",
           "november", "december")
 NAMES = ("alice", "robert", "maria", "james", "linda", "michael", "susan", "david", "karen", "thomas", "emma",
          "george", "sophie", "peter", "laura", "daniel", "anna", "william", "julia", "henry")
