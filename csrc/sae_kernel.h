@@ -21,6 +21,7 @@ static inline VF vset1(float v) { return _mm512_set1_ps(v); }
 static inline VF vzero() { return _mm512_setzero_ps(); }
 static inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 static inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+static inline VF vsub(VF a, VF b) { return _mm512_sub_ps(a, b); }
 static inline VF vabs(VF x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff))); }
 static inline VF vmax(VF a, VF b) { return _mm512_max_ps(a, b); }
 // lanes of x kept where x > t (ordered), else +0
@@ -39,6 +40,7 @@ static inline VF vset1(float v) { return _mm256_set1_ps(v); }
 static inline VF vzero() { return _mm256_setzero_ps(); }
 static inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 static inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+static inline VF vsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
 static inline VF vabs(VF x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
 static inline VF vmax(VF a, VF b) { return _mm256_max_ps(a, b); }
 static inline VF vkeep_gt(VF x, VF t) { return _mm256_and_ps(_mm256_cmp_ps(x, t, _CMP_GT_OQ), x); }
@@ -53,6 +55,7 @@ static inline VF vset1(float v) { return v; }
 static inline VF vzero() { return 0.0f; }
 static inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
 static inline VF vadd(VF a, VF b) { return a + b; }
+static inline VF vsub(VF a, VF b) { return a - b; }
 static inline VF vabs(VF x) { return std::fabs(x); }
 static inline VF vmax(VF a, VF b) { return a > b ? a : b; }
 static inline VF vkeep_gt(VF x, VF t) { return x > t ? x : 0.0f; }
@@ -107,7 +110,7 @@ static inline void micro_rows(int m, const float* x, int64_t d, const float* pan
 struct Panel {
     const SaeArgs& a;
     const float* wp;  // [d, NR] packed columns of the current panel
-    float* sbuf;    // [tmax, NR] approximate pre-activations of one sample
+    float* sbuf;    // [tmax, NR] act(upper bound) of every row of the current sample
     float* ebuf;    // [tmax, NR] exact activations of the rows computed so far (ehave)
     uint8_t* ehave; // [tmax]
     float bias[NR], epsA[NR], epsB[NR], gate[NR], thr[NR];
@@ -120,23 +123,40 @@ struct Panel {
         if (ehave[r - r0]) return out;
         ehave[r - r0] = 1;
         const float* xr = a.x + r * a.d;
-        double acc[NR];
+        alignas(64) double acc[NR];
+#if SLF_LEVEL == 2
+        __m512d q0 = _mm512_setzero_pd(), q1 = _mm512_setzero_pd();
+        for (int64_t i = 0; i < a.d; ++i) {  // each lane in order over i; products exact in float64
+            const __m512d xi = _mm512_set1_pd(static_cast<double>(xr[i]));
+            const float* w = wp + i * NR;
+            q0 = _mm512_fmadd_pd(xi, _mm512_cvtps_pd(_mm256_loadu_ps(w)), q0);
+            q1 = _mm512_fmadd_pd(xi, _mm512_cvtps_pd(_mm256_loadu_ps(w + 8)), q1);
+        }
+        _mm512_store_pd(acc, q0); _mm512_store_pd(acc + 8, q1);
+#elif SLF_LEVEL == 1
+        __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd(), q2 = _mm256_setzero_pd(), q3 = _mm256_setzero_pd();
+        for (int64_t i = 0; i < a.d; ++i) {  // each lane in order over i; products exact in float64
+            const __m256d xi = _mm256_set1_pd(static_cast<double>(xr[i]));
+            const float* w = wp + i * NR;
+            q0 = _mm256_fmadd_pd(xi, _mm256_cvtps_pd(_mm_loadu_ps(w)), q0);
+            q1 = _mm256_fmadd_pd(xi, _mm256_cvtps_pd(_mm_loadu_ps(w + 4)), q1);
+            q2 = _mm256_fmadd_pd(xi, _mm256_cvtps_pd(_mm_loadu_ps(w + 8)), q2);
+            q3 = _mm256_fmadd_pd(xi, _mm256_cvtps_pd(_mm_loadu_ps(w + 12)), q3);
+        }
+        _mm256_store_pd(acc, q0); _mm256_store_pd(acc + 4, q1); _mm256_store_pd(acc + 8, q2); _mm256_store_pd(acc + 12, q3);
+#else
         for (int j = 0; j < NR; ++j) acc[j] = 0.0;
         for (int64_t i = 0; i < a.d; ++i) {
             const double xi = static_cast<double>(xr[i]);
             const float* w = wp + i * NR;
             for (int j = 0; j < NR; ++j) acc[j] += xi * static_cast<double>(w[j]);
         }
+#endif
         for (int j = 0; j < NR; ++j) {
             const float pre = static_cast<float>(acc[j] + static_cast<double>(bias[j]));
             out[j] = pre != pre ? pre : (pre > gate[j] ? pre : 0.0f);  // gate = max(threshold, 0), 0 for ReLU
         }
         return out;
-    }
-
-    inline float act_of(float p, int j) const { return p > gate[j] ? p : 0.0f; }
-    inline float eps_of(float approx, float nx, int j) const {
-        return std::fabs(approx) * a.c2 + (nx * epsA[j] + epsB[j]);
     }
 
     void prepare(int64_t panel) {
@@ -157,18 +177,11 @@ struct Panel {
         }
     }
 
-    // exact pooled value and position of (sample rows [r0, r1), lane j); all_exact: recompute every row
-    void exact_pool(int64_t r0, int64_t r1, int j, bool all_exact, float& val, int32_t& pos) {
+    // exact pooled value and position of (sample rows [r0, r1), lane j); all_exact: recompute every row.
+    // sbuf holds act(p~ + eps) per row; lbmax = max over rows of act(p~ - eps) (max pooling).
+    void exact_pool(int64_t r0, int64_t r1, int j, bool all_exact, float lbmax, float& val, int32_t& pos) {
         const int64_t n = r1 - r0;
         if (a.pool == POOL_MAX) {
-            float lbmax = 0.0f;
-            if (!all_exact) {
-                for (int64_t r = r0; r < r1; ++r) {
-                    float ap = sbuf[(r - r0) * NR + j];
-                    float lb = act_of(ap - eps_of(ap, a.nx[r], j), j);
-                    lbmax = lb > lbmax ? lb : lbmax;
-                }
-            }
             float best = -INFINITY;
             int64_t best_r = r0;
             bool nan = false;
@@ -177,8 +190,7 @@ struct Panel {
                 if (all_exact) {
                     v = exact_row(r, r0)[j];
                 } else {
-                    float ap = sbuf[(r - r0) * NR + j];
-                    float ub = act_of(ap + eps_of(ap, a.nx[r], j), j);
+                    const float ub = sbuf[(r - r0) * NR + j];
                     if (ub == 0.0f) v = 0.0f;            // act(pre) <= act(ub) = 0
                     else if (ub < lbmax) continue;       // cannot reach the maximum
                     else v = exact_row(r, r0)[j];
@@ -191,14 +203,7 @@ struct Panel {
         } else {
             double s = 0.0;
             for (int64_t r = r0; r < r1; ++r) {
-                float v;
-                if (all_exact) {
-                    v = exact_row(r, r0)[j];
-                } else {
-                    float ap = sbuf[(r - r0) * NR + j];
-                    float ub = act_of(ap + eps_of(ap, a.nx[r], j), j);
-                    v = ub == 0.0f ? 0.0f : exact_row(r, r0)[j];
-                }
+                const float v = (all_exact || sbuf[(r - r0) * NR + j] != 0.0f) ? exact_row(r, r0)[j] : 0.0f;
                 s += static_cast<double>(v);
             }
             if (a.pool == POOL_MEAN) s /= static_cast<double>(n);
@@ -219,10 +224,10 @@ struct Panel {
     void run_sample(int64_t b) {
         const int64_t r0 = a.row_off[b], r1 = a.row_off[b + 1];
         if (r1 <= r0) return;  // no valid token: counted by the caller
-        VF bv[NV], av[NV], bb[NV], gv[NV], pooled[NV], nf[NV];
+        VF bv[NV], av[NV], bb[NV], gv[NV], pooled[NV], nf[NV], lbm[NV];
         for (int v = 0; v < NV; ++v) {
             bv[v] = vload(bias + v * W); av[v] = vload(epsA + v * W); bb[v] = vload(epsB + v * W);
-            gv[v] = vload(gate + v * W); pooled[v] = vzero(); nf[v] = vzero();
+            gv[v] = vload(gate + v * W); pooled[v] = vzero(); nf[v] = vzero(); lbm[v] = vzero();
         }
         const VF c2 = vset1(a.c2);
         VF acc[MR][NV];
@@ -234,17 +239,20 @@ struct Panel {
                 float* srow = sbuf + (r + i - r0) * NR;
                 for (int v = 0; v < NV; ++v) {
                     VF ap = vadd(acc[i][v], bv[v]);
-                    vstore(srow + v * W, ap);
-                    VF ub = vadd(ap, vfma(vabs(ap), c2, vfma(nx, av[v], bb[v])));
+                    VF e = vfma(vabs(ap), c2, vfma(nx, av[v], bb[v]));
+                    VF ub = vadd(ap, e);
                     nf[v] = vor(nf[v], vnonfinite(ub));
                     VF au = vkeep_gt(ub, gv[v]);
+                    vstore(srow + v * W, au);
+                    lbm[v] = vmax(lbm[v], vkeep_gt(vsub(ap, e), gv[v]));
                     pooled[v] = a.pool == POOL_MAX ? vmax(pooled[v], au) : vadd(pooled[v], au);
                 }
             }
         }
         alignas(64) float pu[NR];
         alignas(64) float fl[NR];
-        for (int v = 0; v < NV; ++v) { vstore(pu + v * W, pooled[v]); vstore(fl + v * W, nf[v]); }
+        alignas(64) float lb[NR];
+        for (int v = 0; v < NV; ++v) { vstore(pu + v * W, pooled[v]); vstore(fl + v * W, nf[v]); vstore(lb + v * W, lbm[v]); }
         const int64_t n = r1 - r0;
         std::memset(ehave, 0, static_cast<size_t>(n));
         for (int j = 0; j < nl; ++j) {
@@ -261,7 +269,7 @@ struct Panel {
             }
             if (!cand) continue;
             float val; int32_t p;
-            exact_pool(r0, r1, j, nonfinite, val, p);
+            exact_pool(r0, r1, j, nonfinite, lb[j], val, p);
             if (val != val) { a.nan_counts[l0 + j] += 1; continue; }
             float* vals = a.vals + (l0 + j) * a.k;
             int64_t* ids = a.ids + (l0 + j) * a.k;
