@@ -1,6 +1,6 @@
 """Fused SAE top-k (ours) vs encode-then-topk in torch (the SAELens / dashboard way), side by side.
 
-One stream of ``NB`` batches of ``B`` samples x ``T = 128`` tokens of width ``d = 768`` (GPT-2
+One stream of ``NB`` (64) batches of ``B`` samples x ``T = 128`` tokens of width ``d = 768`` (GPT-2
 small's residual width; random activations), an SAE with ``L`` latents (random ReLU encoder,
 biases negative so that latents are sparse), k = 20, max pooling over tokens, for L = 16,384 and
 65,536:
@@ -31,7 +31,7 @@ import torch
 from conftest import scaled
 
 D, T, B, K = 768, 128, 8, 20
-NB = scaled(16, 2)
+NB = scaled(64, 2)
 LS = [16384, 65536]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
