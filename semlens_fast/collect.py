@@ -53,7 +53,6 @@ checkpointed every ``checkpoint_every`` batches, and resumes an interrupted run
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import hashlib
 import inspect
@@ -73,6 +72,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from . import __version__
 from ._io import ensure_dir, hash_tensors, locked
 from .errors import ArgumentError, DeviceError, DTypeError, SemlensError, ShapeError, StoreError
+from .layers import expand_layers, per_layer, split_input
 from ._batch import default_forward, first_tensor, to_device
 from .ops import POOLS, TopKState, pool_topk_update, topk_update
 from .store import (
@@ -184,32 +184,12 @@ def _holds_store_lock(fn: Callable) -> Callable:
 
 
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, nn.Module]:
-    """Map layer names (as ``model.named_modules()`` gives them) to modules.
+    """Map layer names (as ``model.named_modules()`` gives them), globs (``"encoder.layer.*.intermediate"``)
+    and ``name@input`` specs to modules; see :mod:`semlens_fast.layers`.
 
-    An unknown name raises :class:`ArgumentError` listing the closest real names.
+    An unknown name or a glob matching nothing raises :class:`ArgumentError` listing the closest real names.
     """
-    if isinstance(layers, str):
-        layers = [layers]
-    if not isinstance(layers, Sequence) or not layers:
-        raise ArgumentError(f"layers must be a module name or a non-empty list of names, got {layers!r}")
-    modules = dict(model.named_modules())
-    names = [n for n in modules if n]
-    out: dict[str, nn.Module] = {}
-    for name in layers:
-        if not isinstance(name, str):
-            raise ArgumentError(f"layers must hold module names (str), got {name!r} ({type(name).__name__})")
-        if name in out:
-            raise ArgumentError(f"layers lists {name!r} twice")
-        if name not in modules or name == "":
-            close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
-            if not close:  # e.g. "conv" vs "features.0": show names containing a part of it
-                close = [n for n in names if any(p and p in n for p in name.split("."))][:5] or names[:5]
-            raise ArgumentError(
-                f"layers: {name!r} is not a module of the model ({type(model).__name__}, "
-                f"{len(names)} named modules); closest names: {', '.join(repr(c) for c in close)}"
-            )
-        out[name] = modules[name]
-    return out
+    return expand_layers(model, layers)
 
 
 def _describe_callable(fn: Callable[..., Any]) -> str:
@@ -242,12 +222,7 @@ def _normalise_pool(spec: PoolSpec, layer: str) -> tuple[PoolSpec, str]:
 
 
 def _per_layer(spec: Any, names: Sequence[str], what: str, default: Any) -> dict[str, Any]:
-    if isinstance(spec, Mapping):
-        unknown = [n for n in spec if n not in names]
-        if unknown:
-            raise ArgumentError(f"{what} names layers {unknown} that are not in layers={list(names)}")
-        return {n: spec.get(n, default) for n in names}
-    return {n: spec for n in names}
+    return per_layer(spec, names, what, default)
 
 
 # ---------------------------------------------------------------------- per-layer collector
@@ -304,6 +279,7 @@ class _Layer:
         self._snap: list[torch.Tensor] | None = None
         self._nan_total = 0
         self._full = False
+        self.sae: Any = None
         if callable(pool) and not isinstance(pool, (str, int)):
             with contextlib.suppress(TypeError, ValueError):
                 self.pool_takes_mask = "mask" in inspect.signature(pool).parameters
@@ -364,8 +340,42 @@ class _Layer:
         if pos is not None:
             _set_positions(st, ids, pos)
 
+    def _update_sae(self, act: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """The layer's components are the latents of ``self.sae``: fused encode + pool + top-k."""
+        sae = self.sae
+        if act.dim() not in (2, 3) or act.shape[-1] != sae.d:
+            raise ShapeError(
+                f"layer {self.name!r}: the SAE {sae.name!r} reads [B, T, d] or [B, d] activations of width d = {sae.d} "
+                f"(W_enc {tuple(sae.W_enc.shape)}), but the layer's output has shape {tuple(act.shape)}"
+            )
+        B = act.shape[0]
+        if B != ids.shape[0]:
+            raise ShapeError(f"layer {self.name!r}: output has batch size {B} (shape {tuple(act.shape)}) but the batch has {ids.shape[0]} samples")
+        if self.state is None:
+            self.state = TopKState.empty(sae.L, self.k, act.device)
+            self.shape = list(act.shape[1:-1]) + [sae.L]
+            self.layout = "BTC" if act.dim() == 3 else "BC"
+            if sae.device != act.device:
+                self.sae = sae = sae.to(act.device)
+        if ids.device != act.device:
+            ids = ids.to(act.device)
+        if mask is not None and act.dim() == 3:
+            if tuple(mask.shape) != tuple(act.shape[:2]):
+                raise ShapeError(f"layer {self.name!r}: attention mask has shape {tuple(mask.shape)} but the tokens are {tuple(act.shape[:2])} [B, T]")
+            mask = mask.to(act.device, torch.bool)
+        else:
+            mask = None
+        if act.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            act = act.float()
+        before = int(self.state.nan_counts.sum())
+        sae.topk_update(self.state, act, ids, pool=self.pool, mask=mask)  # type: ignore[arg-type]
+        self._warn(int(self.state.nan_counts.sum()) - before)
+
     # -- main entry, called from the forward hook
     def update(self, out: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.sae is not None:
+            self._update_sae(self._select(out), ids, mask)
+            return
         act, layout, C = self._layout(self._select(out))
         B = act.shape[0]
         if B != ids.shape[0]:
@@ -665,6 +675,7 @@ def collect(
     dataset_fp: str | None = None,
     distributed: bool | None = None,
     strict_finite: bool = False,
+    sae: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> TopKStore:
     """Stream ``data`` through ``model`` and keep the top-``k`` samples of every channel of ``layers``.
@@ -699,6 +710,10 @@ def collect(
             :mod:`semlens_fast.distributed`.
         strict_finite: also count ``-inf`` pooled values that cannot reach the top-k
             (one extra read of each activation).
+        sae: ``{layer or glob: SparseAutoencoder}``: the components of these layers are the SAE's
+            latents (fused :func:`~semlens_fast.ops.sae_topk_update`; pools ``max``/``mean``/``sum``;
+            the layer's output must be ``[B, T, d]`` or ``[B, d]`` with ``d`` the SAE's width).
+            Layers named here but not in ``layers`` are added.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -715,13 +730,27 @@ def collect(
         raise ArgumentError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ArgumentError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    if sae is not None and not isinstance(sae, Mapping):
+        raise ArgumentError(f"sae must be a mapping {{layer: SparseAutoencoder}}, got {type(sae).__name__}")
+    if sae:
+        extra = [n for n in sae if n not in ([layers] if isinstance(layers, str) else list(layers))]
+        layers = ([layers] if isinstance(layers, str) else list(layers)) + extra
     modules = resolve_layers(model, layers)
     names = list(modules)
+    saes = _per_layer(sae or {}, names, "sae", None)
+    for n, s_ in saes.items():
+        if s_ is None:
+            continue
+        if not all(hasattr(s_, a) for a in ("topk_update", "d", "L", "fingerprint")):
+            raise ArgumentError(f"sae for layer {n!r} must be a semlens_fast.sae.SparseAutoencoder, got {type(s_).__name__}")
     pools_raw = _per_layer(pool, names, "pool", "max")
     pools: dict[str, PoolSpec] = {}
     pool_desc: dict[str, str] = {}
     for n in names:
         pools[n], pool_desc[n] = _normalise_pool(pools_raw[n], n)
+    for n, s_ in saes.items():
+        if s_ is not None and pools[n] not in ("max", "mean", "sum"):
+            raise ArgumentError(f"pool for SAE layer {n!r} must be 'max', 'mean' or 'sum', got {pool_desc[n]!r}")
     outputs = _per_layer(output, names, "output", None)
     for n, fn in outputs.items():
         if fn is not None and not callable(fn):
@@ -771,6 +800,7 @@ def collect(
         "outputs": {n: (_describe_callable(f) if f is not None else "first_tensor") for n, f in outputs.items()},
         "k": k,
         "autocast": str(autocast) if autocast is not None else None,
+        **({"sae": {n: s_.describe() for n, s_ in saes.items() if s_ is not None}} if any(v is not None for v in saes.values()) else {}),
         "library_version": __version__,
     }
     if distributed:
@@ -853,6 +883,8 @@ def collect(
     n_samples = int(sum(len(b) for b in batches))
 
     collectors = {n: _Layer(n, modules[n], pools[n], outputs[n], k, strict_finite) for n in names}
+    for n, s_ in saes.items():
+        collectors[n].sae = s_
     for n, st in states.items():
         collectors[n].state = st.to(device) if st.device != device else st
         collectors[n].shape = prev_meta.get("shapes", {}).get(n)
@@ -895,12 +927,13 @@ def collect(
 
     def make_hook(name: str):
         col = collectors[name]
+        reads_input = split_input(name)[1]
 
         def hook(module: nn.Module, inputs: Any, out: Any) -> None:
             if not ctx["active"] or name in ctx["fired"]:
                 return
             ctx["fired"].add(name)
-            col.update(out, ctx["ids"], ctx["mask"])
+            col.update(inputs if reads_input else out, ctx["ids"], ctx["mask"])
             if len(ctx["fired"]) == n_layers:
                 raise _StopForward
 
