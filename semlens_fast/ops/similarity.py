@@ -69,6 +69,31 @@ def int16_error_bound(d: int) -> float:
     return 2.0**-15 * (d**0.5 + 1.0) + d * 2.0**-30 + approx_error_bound(d)
 
 
+def tensor_core_error_bound(d: int, query_error: torch.Tensor, row_error: float) -> torch.Tensor:
+    """Bound on |approximate - exact| of a tensor-core candidate pass (Triton backend).
+
+    The approximate score is ``fl(dot(q', x') * fl(1 / sqrt(fl(x . x))))`` where ``q'`` is
+    the float32 unit query rounded to the dot's input format and ``x'`` the row in it
+    (exact for fp16/bf16 rows; TF32 for float32 rows). With ``query_error [Q]`` =
+    ``|q' - q_hat|`` (measured exactly per query) and ``row_error`` a bound on
+    ``|x' - x| / |x|`` (``2**-10`` for TF32, 0 for 16-bit rows):
+
+    * rounding of the inputs: ``|q' . x' - q_hat . x| <= |q' - q_hat| |x'| + |q_hat| |x' - x|``
+      (Cauchy-Schwarz), i.e. ``dq (1 + dx) + dx`` in cosine units;
+    * accumulation: products of two 11-bit significands are exact in float32; summing d of
+      them, however the hardware orders, aligns and truncates, errs by at most
+      ``(d + 16) 2**-22`` of ``sum |q'_i x'_i| <= |q'| |x'|``; ``(d + 16) 2**-21`` covers the
+      norm factors;
+    * the float32 norm, scaling and two ulps: :func:`approx_error_bound`.
+
+    Rows whose float32 squared norm is below ``2**-60`` (where underflow would break
+    these relative bounds) are not handled by the pass (the Triton backend sends such
+    databases to the reference).
+    """
+    dq = query_error.double()
+    return 1.01 * (dq + row_error + dq * row_error) + (d + 16.0) * 2.0**-21 + approx_error_bound(d)
+
+
 def _check_matrix(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         try:

@@ -32,6 +32,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 FAMILIES = [
@@ -66,7 +67,8 @@ def compile_case(kernel, args, kwargs, cc: int) -> dict:
     knobs.compilation.always_compile = True
     log = io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(log):
+    with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
     seconds = time.perf_counter() - t0
