@@ -254,12 +254,32 @@ def cosine_topk(
         )
     if queries.device != db.device:
         raise DeviceError(f"queries are on {queries.device} but db is on {db.device}")
+    if exclude is not None and not isinstance(exclude, torch.Tensor):
+        exclude = _check_exclude(exclude, queries.shape[0], db.shape[0], queries.device)
+    return torch.ops.semlens.cosine_topk(queries, db, k, exclude)
+
+
+# --------------------------------------------------------------------------- registered torch op
+# (the pattern of semlens_fast.ops.topk: metadata checks above, data checks and the
+# backend choice in the op's implementation, shapes from register_fake)
+
+@torch.library.custom_op("semlens::cosine_topk", mutates_args=())
+def _cosine_topk_op(queries: torch.Tensor, db: torch.Tensor, k: int,
+                    exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated metadata (see :func:`cosine_topk`); checks the data, then dispatches."""
     Q, N = queries.shape[0], db.shape[0]
     exclude = _check_exclude(exclude, Q, N, queries.device)
     raise_nonfinite(queries, "queries")
     if Q == 0 or N == 0:
         return empty_result(Q, k, queries.device)
-    return _backend_module(db.device).cosine_topk(queries, db, k, exclude)
+    s, i = _backend_module(db.device).cosine_topk(queries, db, k, exclude)
+    return s, i
+
+
+@_cosine_topk_op.register_fake
+def _(queries, db, k, exclude):
+    Q = queries.shape[0]
+    return (queries.new_empty((Q, k), dtype=torch.float32), queries.new_empty((Q, k), dtype=torch.int64))
 
 
 def pairwise_topk(
