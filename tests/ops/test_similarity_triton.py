@@ -55,11 +55,12 @@ def test_triton_equals_reference_on_ties(case):
     assert torch.equal(s.view(torch.int32), rs.view(torch.int32))
 
 
+@pytest.mark.parametrize("d", [20, 48])  # padded to 32 / used in place (d divisible by 16)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_random_data_and_multiple_tiles(dtype):
+def test_triton_random_data_and_multiple_tiles(dtype, d):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 20, generator=g).to(dtype)
-    x = torch.randn(70, 20, generator=g).to(dtype)  # 3 row tiles, 2 feature blocks... (BD=32 > 20: masked)
+    q = torch.randn(3, d, generator=g).to(dtype)
+    x = torch.randn(70, d, generator=g).to(dtype)  # 2 row tiles of 64; 1 or 2 feature blocks of 32
     x[4] = 0
     s, i = run(q, x, 4, None)
     rs, ri = ref.cosine_topk(q, x, 4, None)

@@ -52,7 +52,7 @@ SCAN_CHUNK = 1 << 14
 KEY_MIN = tl.constexpr(-(2**63))
 _DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tf32 / fp16 / bf16 tensor-core inputs
 # sizes that only bound loops are never specialised; D, XS and the data pointers are
-# (divisibility by 16 lets the tile loads vectorise): compile_cases covers both variants
+# always divisible by 16 (see _aligned), so each configuration has one binary
 _INT_ARGS = ["Q", "N", "M", "RPS", "QB"]
 _PTR_ARGS = ["ex_ptr", "keys_ptr", "bad_ptr"]
 
@@ -237,17 +237,36 @@ def query_rounding_error(qhat: torch.Tensor, dot: int) -> torch.Tensor:
     return torch.stack([(a - q).norm(dim=1) for a in alts]).amax(dim=0)
 
 
+def _aligned(qhat: torch.Tensor, db: torch.Tensor):
+    """(queries, rows, row stride) with d, the row stride and the row pointer divisible by 16.
+
+    The candidates kernel is compiled for such inputs only (vectorised, asynchronous tile
+    loads); other rows (an odd d, an odd stride or offset) are copied into zero-padded
+    rows first -- zeros change neither dot products nor norms.
+    """
+    N, D = db.shape
+    xs = db.stride(0) if N > 1 else D
+    if D % 16 == 0 and xs % 16 == 0 and db.data_ptr() % 16 == 0:
+        return qhat, db, xs
+    D16 = triton.cdiv(D, 16) * 16
+    x = db.new_zeros((N, D16))
+    x[:, :D] = db
+    q = qhat.new_zeros((qhat.shape[0], D16))
+    q[:, :D] = qhat
+    return q, x, D16
+
+
 def candidates(qhat: torch.Tensor, db: torch.Tensor, K: int, exclude: torch.Tensor | None):
     """Approximate top-``K`` (scores, ids, error bound) per query; raises on non-finite rows."""
-    Q, D = qhat.shape
     N = db.shape[0]
+    qhat, db, xs = _aligned(qhat, db)
+    Q, D = qhat.shape
     KP = max(KPS[0], _pow2(K))
     dot = dot_mode(db.dtype)
     splits, rps = grid_splits(Q, N, _sm_count(db.device))
     keys = torch.empty((Q, splits, KP), dtype=torch.int64, device=db.device)
     bad = torch.zeros(N, dtype=torch.int8, device=db.device)
     ex = exclude if exclude is not None else torch.empty((Q, 0), dtype=torch.int64, device=db.device)
-    xs = db.stride(0) if N > 1 else D
     qb = min(_pow2(Q), 1024)
     args = (qhat, db, ex, keys, bad, Q, N, D, xs, ex.shape[1], rps, qb)
     with warnings.catch_warnings():
