@@ -65,10 +65,32 @@ def tile_configs(KP: int, dot: int) -> list[triton.Config]:
     """
     bd = 32 if dot == 0 else 64
     if KP <= 64:
-        shapes = [(32, 64, 32, 4, 3), (64, 64, 32, 8, 3)]
+        shapes = [(32, 64, bd, 4, 3), (64, 64, bd, 8, 3)]
     else:
         shapes = [(16, 64, bd, 4, 3), (32, 64, bd, 8, 3)]
     return [triton.Config(dict(BQ=bq, BN=bn, BD=bd), num_warps=w, num_stages=s) for bq, bn, bd, w, s in shapes]
+
+
+@triton.jit
+def _pack(score, row):
+    """int64 keys ordered like (score descending, row ascending): orderable float bits << 32 | ~row."""
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    return (ordered << 32) | (4294967295 - row)
+
+
+@triton.jit
+def _decode(key):
+    """(score, row, real) of keys (KEY_MIN: an empty slot, real = False)."""
+    ordered = (key >> 32).to(tl.int32)
+    score = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+    return score, 4294967295 - (key & 4294967295), key != KEY_MIN
+
+
+@triton.jit
+def _beats(s, row, ts, trow, full):
+    """(s, row) enters a list whose worst entry is (ts, trow) (any entry enters a list not full)."""
+    return (~full) | (s > ts) | ((s == ts) & (row < trow))
 
 
 @triton.jit(do_not_specialize=_INT_ARGS, do_not_specialize_on_alignment=_PTR_ARGS)
@@ -106,33 +128,32 @@ def _candidates_kernel(
             nx2 += tl.sum(xf * xf, axis=1)
             if DOT == 0:
                 acc = tl.dot(qv, tl.trans(xf), acc, input_precision="tf32")
-            elif DOT == 1:
-                acc = tl.dot(qv.to(tl.float16), tl.trans(xv), acc)
-            else:
-                acc = tl.dot(qv.to(tl.bfloat16), tl.trans(xv), acc)
+            else:  # queries already in the rows' 16-bit format
+                acc = tl.dot(qv, tl.trans(xv), acc)
             qd = tl.advance(qd, (0, BD))
             xb = tl.advance(xb, (0, BD))
         finite = (nx2 == nx2) & (nx2 < float("inf"))
         tiny = finite & (nx2 > 0) & (nx2 < 8.673617379884035e-19)  # 2**-60: see TINY_NORM2
         tl.store(bad_ptr + no, tl.where(finite, 2, 1).to(tl.int8), mask=n_ok & (tiny | ~finite))
         inv = tl.where(nx2 > 0, 1.0 / tl.sqrt_rn(tl.where(nx2 > 0, nx2, 1.0)), 0.0)
-        s = acc * inv[None, :]
+        s = acc * inv[None, :] + 0.0  # -0.0 -> +0.0, as the keys order +0.0 first
         ok = q_ok[:, None] & n_ok[None, :] & finite[None, :]
         for j in range(0, M):
             exj = tl.load(ex_ptr + qo * M + j, mask=q_ok, other=-1)
             ok = ok & (no[None, :] != exj[:, None])
-        bits = s.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = tl.where(ok, (ordered << 32) | (4294967295 - no[None, :]), KEY_MIN)
-        more = key > thr[:, None]
-        # rounds: every query moves its best entering key into its worst slot (keys are unique)
+        # the tile touches the lists only where a score beats its query's worst kept entry
+        ts, tid, full = _decode(thr)
+        more = ok & _beats(s, no[None, :], ts[:, None], tid[:, None], full[:, None])
         while tl.max(tl.max(more.to(tl.int32), axis=1), axis=0) > 0:
-            m = tl.max(tl.where(more, key, KEY_MIN), axis=1)
+            # each query moves its best entering (score, row) into the slot of its worst entry
+            ms = tl.max(tl.where(more, s, float("-inf")), axis=1)
+            mid = tl.min(tl.where(more & (s == ms[:, None]), no[None, :], 4294967295), axis=1)
+            has = mid != 4294967295
             slot = tl.min(tl.where(state == thr[:, None], kcol[None, :], KP), axis=1)
-            state = tl.where((kcol[None, :] == slot[:, None]) & (m > thr)[:, None], m[:, None], state)
+            state = tl.where((kcol[None, :] == slot[:, None]) & has[:, None], _pack(ms, mid)[:, None], state)
             thr = tl.min(state, axis=1)
-            key = tl.where(key == m[:, None], KEY_MIN, key)
-            more = key > thr[:, None]
+            ts, tid, full = _decode(thr)
+            more = more & (no[None, :] != mid[:, None]) & _beats(s, no[None, :], ts[:, None], tid[:, None], full[:, None])
     nsplit = tl.num_programs(1)
     out = keys_ptr + (qo[:, None] * nsplit + split) * KP + kcol[None, :]
     tl.store(out, state, mask=q_ok[:, None])
@@ -263,12 +284,13 @@ def candidates(qhat: torch.Tensor, db: torch.Tensor, K: int, exclude: torch.Tens
     Q, D = qhat.shape
     KP = max(KPS[0], _pow2(K))
     dot = dot_mode(db.dtype)
+    qdot = qhat if dot == 0 else qhat.to(db.dtype).contiguous()  # the dot's input format, rounded once
     splits, rps = grid_splits(Q, N, _sm_count(db.device))
     keys = torch.empty((Q, splits, KP), dtype=torch.int64, device=db.device)
     bad = torch.zeros(N, dtype=torch.int8, device=db.device)
     ex = exclude if exclude is not None else torch.empty((Q, 0), dtype=torch.int64, device=db.device)
     qb = min(_pow2(Q), 1024)
-    args = (qhat, db, ex, keys, bad, Q, N, D, xs, ex.shape[1], rps, qb)
+    args = (qdot, db, ex, keys, bad, Q, N, D, xs, ex.shape[1], rps, qb)
     with warnings.catch_warnings():
         # block pointers still compile to plain address arithmetic on sm_80 and sm_90;
         # Triton 3.8 prefers tensor descriptors (TMA, sm_90 only) and says so at each compile
@@ -336,7 +358,8 @@ def compile_cases():
     for dt, name in ((torch.float32, "fp32/tf32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for KP in KPS:
             for cfg in tile_configs(KP, _DOT[dt]):
-                args = (t(f32), t(dt), t(i64), t(i64), t(i8), 1024, 10**6, 512, 512, 0, 65536, 1024)
+                qt = f32 if dt == torch.float32 else dt
+                args = (t(qt), t(dt), t(i64), t(i64), t(i8), 1024, 10**6, 512, 512, 0, 65536, 1024)
                 bq, bn, bd = cfg.kwargs["BQ"], cfg.kwargs["BN"], cfg.kwargs["BD"]
                 label = f"{name} KP={KP} tile {bq}x{bn}x{bd} w{cfg.num_warps}"
                 yield label, _candidates_kernel, args, dict(DOT=_DOT[dt], KP=KP, **cfg.kwargs,
