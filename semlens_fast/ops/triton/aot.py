@@ -66,12 +66,12 @@ def compile_case(kernel, args, kwargs, cc: int) -> dict:
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     log = io.StringIO()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     with contextlib.redirect_stdout(log), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     text = log.getvalue()
     regs = _REGS.search(text)
     spill = _SPILL.search(text)
@@ -81,7 +81,15 @@ def compile_case(kernel, args, kwargs, cc: int) -> dict:
     return dict(regs=int(regs.group(1)), stack=int(spill.group(1)), spill_stores=int(spill.group(2)),
                 spill_loads=int(spill.group(3)), shared=int(smem), ptx_bytes=len(compiled.asm["ptx"]),
                 num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                seconds=round(seconds, 3))
+                seconds=round(seconds, 3), cpu_seconds=round(cpu, 3))
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _work(job):
@@ -169,14 +177,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = run(a.family, tuple(a.arch) if a.arch else ARCHS, a.jobs, a.match)
     wall = time.perf_counter() - t0
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in rows)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(rows=rows, wall_seconds=wall), f, indent=1)
+            json.dump(dict(rows=rows, wall_seconds=wall, cpu_seconds=cpu), f, indent=1)
     if a.markdown:
         print(markdown(rows))
     bad = [r for r in rows if not r["ok"]]
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in rows)
     worst = max((r for r in rows if "regs" in r), key=lambda r: r["regs"], default=None)
-    print(f"{len(rows)} configurations compiled in {wall:.1f} s ({a.jobs} processes); "
+    print(f"{len(rows)} configurations compiled in {wall:.1f} s ({a.jobs} processes, {cpu:.1f} CPU s); "
           f"{len(bad)} failed or spilled" + (f"; most registers: {worst['regs']} ({worst['label']}, {worst['arch']})" if worst else ""),
           file=sys.stderr)
     for r in bad:
