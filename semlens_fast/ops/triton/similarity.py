@@ -10,11 +10,12 @@ certification that makes the result exactly the reference's.
   storage: TF32; float16: fp16 inputs; bfloat16: bf16 inputs; float32 accumulation),
   the rows' inverse norms from the same loads (float32), and per query an *unsorted*
   list of its best ``KP`` candidates as packed int64 keys (orderable float bits << 32 |
-  (2^32 - 1 - id): one integer comparison orders by score, then lower id). A tile
-  only touches the lists when one of its keys beats a query's current worst entry
-  (the threshold); it then moves its best key into the slot of the worst, one key per
-  query per round, until no key beats a threshold -- after warm-up, zero or one round.
-  The lists of the splits are combined by one ``torch.topk``.
+  (2^32 - 1 - id): one integer comparison orders by score, then lower id). The tile's
+  float scores are compared with each query's current worst entry (the threshold); only
+  where one beats it do the lists change: each such query moves its best entering row
+  into the slot of its worst entry, one row per query per round, until no row beats a
+  threshold -- after warm-up, zero rounds for almost every tile. The lists of the
+  splits are combined by one ``torch.topk``.
 * ``_rescore_kernel``: one program per query: float64 sums over the ``d`` components
   taken sequentially, for a block of candidates at a time (the definition of a score).
 
