@@ -149,15 +149,38 @@ def sae_topk_update(
             raise DeviceError(f"mask is on {mask.device}, expected {dev}")
         mask = mask.to(torch.bool)
     ids = _check_ids(sample_ids, B, dev)
+    if B == 0 or L == 0:
+        for t, name in ((W_enc, "W_enc"), (b_enc, "b_enc"), (b_dec, "b_dec"), (threshold, "threshold")):
+            if t is not None:
+                _check_finite(t, name)
+        return state
+    if x.dim() == 3 and x.shape[1] == 0:
+        raise ShapeError(f"x has 0 tokens (shape {tuple(x.shape)}); pooling needs at least one")
+    torch.ops.semlens.sae_topk_update_(state.values, state.ids, state.positions, state.nan_counts,
+                                       x, W_enc, b_enc, ids, pool, activation, threshold, b_dec, mask)
+    return state
+
+
+# The registered op (the pattern of :mod:`semlens_fast.ops.topk`, "registered torch ops"): the
+# public function above checks metadata only, so it traces; the checks that read the data
+# (finite weights, non-negative ids) run here, before any backend.
+
+@torch.library.custom_op("semlens::sae_topk_update_", mutates_args=("values", "ids", "positions", "nan_counts"))
+def _sae_topk_update_op(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, nan_counts: torch.Tensor,
+                        x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, sample_ids: torch.Tensor,
+                        pool: str, activation: str, threshold: torch.Tensor | None, b_dec: torch.Tensor | None,
+                        mask: torch.Tensor | None) -> None:
+    """Encode, pool and merge into the state in place (validated by :func:`sae_topk_update`)."""
     for t, name in ((W_enc, "W_enc"), (b_enc, "b_enc"), (b_dec, "b_dec"), (threshold, "threshold")):
         if t is not None:
             _check_finite(t, name)
-    if B == 0 or L == 0:
-        return state
-    if bool((ids < 0).any()):
-        raise negative_ids_error(ids)
-    if x.dim() == 3 and x.shape[1] == 0:
-        raise ShapeError(f"x has 0 tokens (shape {tuple(x.shape)}); pooling needs at least one")
-    name = _backend.choose(dev)
-    _backend.module(name).sae.sae_topk_update(state, x, W_enc, b_enc, ids, pool, activation, threshold, b_dec, mask)
-    return state
+    if bool((sample_ids < 0).any()):
+        raise negative_ids_error(sample_ids)
+    state = TopKState(values, ids, positions, nan_counts)
+    name = _backend.choose(state.device)
+    _backend.module(name).sae.sae_topk_update(state, x, W_enc, b_enc, sample_ids, pool, activation, threshold, b_dec, mask)
+
+
+@_sae_topk_update_op.register_fake
+def _(values, ids, positions, nan_counts, x, W_enc, b_enc, sample_ids, pool, activation, threshold, b_dec, mask) -> None:
+    return None

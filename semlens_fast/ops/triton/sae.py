@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import sae as _reference
 from ..reference.sae import prepare_x
 from ..reference.topk import _merge
+from . import _launch
 from ..sae import U, eps_constants
 from ..topk import TopKState
 
@@ -134,6 +136,13 @@ BT, BD, BL, BT_EXACT = 16, 16, 64, 16
 
 
 def sae_topk_update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activation, threshold, b_dec, mask) -> None:
+    """The op on CUDA; the torch reference on the same device if a kernel cannot compile or launch."""
+    args = (state, x, W_enc, b_enc, sample_ids, pool, activation, threshold, b_dec, mask)
+    _launch.run_fn("sae._sae_kernels", pool, lambda: _reference.sae_topk_update(*args), lambda: _update(*args))
+
+
+def _update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activation, threshold, b_dec, mask) -> None:
+    # the state is modified only after the last launch (the fallback recomputes from it)
     dev = state.device
     xf = prepare_x(x, b_dec).contiguous()
     B, T, d = xf.shape
@@ -152,8 +161,7 @@ def sae_topk_update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activat
     )
     n = valid.sum(1)
     empty = n == 0
-    if bool(empty.any()):
-        state.nan_counts.add_(int(empty.sum()))
+    n_empty = int(empty.sum())
     theta = state.values[:, -1]
     ub64 = ub.double()
     if pool != "max":
@@ -164,6 +172,7 @@ def sae_topk_update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activat
     cb, cl = torch.nonzero(cand, as_tuple=True)
     nc = int(cb.numel())
     if nc == 0:
+        state.nan_counts.add_(n_empty)
         return
     vals = torch.empty(nc, dtype=torch.float32, device=dev)
     pos = torch.empty(nc, dtype=torch.int32, device=dev)
@@ -171,6 +180,7 @@ def sae_topk_update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activat
         xf, valid, W, bias, gate, cb.contiguous(), cl.contiguous(), vals, pos, T, d, L,
         POOL=_POOL[pool], BT=BT_EXACT,
     )
+    state.nan_counts.add_(n_empty)
     cv = torch.full((L, B), float("-inf"), dtype=torch.float32, device=dev)
     ci = torch.full((L, B), -1, dtype=torch.int64, device=dev)
     cp = torch.full((L, B), -1, dtype=torch.int32, device=dev)
@@ -178,3 +188,19 @@ def sae_topk_update(state: TopKState, x, W_enc, b_enc, sample_ids, pool, activat
     ci[cl, cb] = sample_ids[cb]
     cp[cl, cb] = pos
     _merge(state, cv, ci, cp)
+
+
+def compile_cases():
+    """Every configuration the dispatcher can choose: ``(label, kernel, args, kwargs)`` (see
+    :mod:`semlens_fast.ops.triton.aot`). Inputs reach the kernels as float32; the pooling is the
+    only compile-time choice."""
+    f32, i64, i32, i8 = torch.float32, torch.int64, torch.int32, torch.int8
+
+    def t(dt):
+        return torch.empty(1, dtype=dt)
+
+    for pool, code in _POOL.items():
+        args = (t(f32), t(i8), t(f32), t(f32), t(f32), t(f32), t(f32), t(f32), 128, 768, 16384, 1e-7, 1e-7, 1e-7)
+        yield f"bound, pool {pool}", _sae_bound_kernel, args, dict(POOL=code, BT=BT, BD=BD, BL=BL)
+        args = (t(f32), t(i8), t(f32), t(f32), t(f32), t(i64), t(i64), t(f32), t(i32), 128, 768, 16384)
+        yield f"exact, pool {pool}", _sae_exact_kernel, args, dict(POOL=code, BT=BT_EXACT)
