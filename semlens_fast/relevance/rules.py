@@ -43,6 +43,18 @@ __all__ = [
 ]
 
 
+def _float_dtype(g: Any) -> torch.dtype:
+    """The floating dtype of a (possibly nested) gradient, float32 when it has none."""
+    if isinstance(g, Tensor):
+        return g.dtype if g.is_floating_point() else torch.float32
+    if isinstance(g, (tuple, list)):
+        for t in g:
+            d = _float_dtype(t)
+            if d is not torch.float32:
+                return d
+    return torch.float32
+
+
 def stabilize(z: Tensor, eps: float = 1e-6) -> Tensor:
     """zennit's stabiliser: ``z + eps * sign(z)`` with ``sign(0) = +1`` (also for ``-0.0``)."""
     return torch.where(z >= 0, z + eps, z - eps)
@@ -85,6 +97,9 @@ class NodeContext:
             (``"tanh"``, ``"sigmoid"``, ``"softmax"``, ``"swish"``) or ``None``.
         activation_fn: that activation as a callable (for the non-monotone test).
         is_first: this is the first affine layer seen from the input.
+        args, kwargs: the node's evaluated arguments (all of them, constants included).
+        slots: for each entry of ``inputs``, where it sits among the arguments: the
+            position in ``args`` (int) or the keyword (str).
     """
 
     name: str
@@ -98,10 +113,33 @@ class NodeContext:
     activation_fn: Callable[[Tensor], Tensor] | None = None
     is_first: bool = False
     extra: dict = field(default_factory=dict)
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    slots: list = field(default_factory=list)
+
+    def arg(self, name: str, pos: int, default: Any = None) -> Any:
+        """The argument ``name`` (keyword) or at position ``pos``, else ``default``."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if 0 <= pos < len(self.args):
+            return self.args[pos]
+        return default
+
+    def input_at(self, slot: int | str) -> int | None:
+        """Index into ``inputs`` of the variable input at argument position/keyword ``slot``."""
+        for i, s in enumerate(self.slots):
+            if s == slot:
+                return i
+        return None
 
     def vjp(self, grad_out: Any, inputs: Sequence[Tensor] | None = None) -> list[Tensor]:
-        """Vector-Jacobian product of the node at ``inputs`` (default: its own inputs)."""
-        xs = [t.detach().requires_grad_(True) for t in (self.inputs if inputs is None else inputs)]
+        """Vector-Jacobian product of the node at ``inputs`` (default: its own inputs).
+
+        Integer inputs (token ids flowing through reshapes) are differentiated as float
+        copies: only index ops are ever applied to them."""
+        src = self.inputs if inputs is None else inputs
+        fdt = _float_dtype(grad_out)
+        xs = [(t if t.is_floating_point() else t.to(fdt)).detach().requires_grad_(True) for t in src]
         with torch.enable_grad():
             out = self.call(*xs)
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -121,6 +159,9 @@ class Rule:
     """
 
     coupled: bool = False
+    #: the rule can give relevance to integer inputs (token ids); other rules see only
+    #: floating-point inputs
+    integer_inputs: bool = False
 
     def backward(self, ctx: NodeContext, R: Any) -> list[Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -150,7 +191,10 @@ class IndexMap(Rule):
     """Exact index map for ops whose Jacobian is a 0/1 matrix (reshape, view, flatten,
     permute, transpose, squeeze, cat, stack, slicing, select, expand, split, chunk):
     ``R_in = J^T R_out`` (each input position gets the relevance of every output position it
-    was copied to; broadcast copies are summed). Conserves relevance exactly."""
+    was copied to; broadcast copies are summed). Conserves relevance exactly. Also carries
+    relevance along integer tensors (token ids reshaped before an embedding)."""
+
+    integer_inputs = True
 
     def backward(self, ctx: NodeContext, R: Any) -> list[Tensor | None]:
         return list(ctx.vjp(R))
@@ -243,11 +287,13 @@ class MulHalf(Rule):
 
 
 class Product(Rule):
-    """Product rule for bilinear ops of two variable tensors (``matmul``/``bmm``/``@``, as in
-    attention ``softmax(QK^T) V``): every product term ``c = a_ij b_jk`` gets its share
-    ``c / y * R`` of its output unit, half to each factor:
-    ``R_a = a * ((R / 2y) @ b^T)``, ``R_b = b * (a^T @ (R / 2y))`` (``y`` stabilised), which is
-    DLBacktrace's attention rule. Conserves relevance: ``sum R_a + sum R_b = sum R``."""
+    """Product rule for multilinear ops of variable tensors (``matmul``/``bmm``/``@``/``einsum``,
+    as in attention ``softmax(QK^T) V``): every product term ``c = a_ij b_jk`` gets its share
+    ``c / y * R`` of its output unit, split equally between its ``n`` variable factors:
+    ``R_a = a * ((R / 2y) @ b^T)``, ``R_b = b * (a^T @ (R / 2y))`` for two (``y`` stabilised).
+    This is DLBacktrace's attention rule and AttnLRP's rule for matrix products (epsilon
+    then uniform). Conserves relevance: ``sum R_a + sum R_b = sum R``. With one variable
+    factor (a product with a constant) it is LRP-0: ``R_a = a * J^T (R / y)``."""
 
     def __init__(self, epsilon: float = 1e-9) -> None:
         self.epsilon = epsilon
@@ -255,7 +301,7 @@ class Product(Rule):
     def backward(self, ctx: NodeContext, R: Tensor) -> list[Tensor | None]:
         if len(ctx.inputs) == 1:  # product with a constant: all relevance to the variable factor
             return [ctx.inputs[0] * ctx.vjp(_safe_div(R, ctx.output))[0]]
-        s = R / (2 * stabilize(ctx.output, self.epsilon))
+        s = R / (len(ctx.inputs) * stabilize(ctx.output, self.epsilon))
         grads = ctx.vjp(s)
         return [x * g for x, g in zip(ctx.inputs, grads)]
 
@@ -296,8 +342,31 @@ def _affine_parts(ctx: NodeContext) -> tuple[Tensor, Tensor | None, Callable, Ca
                     return torch.autograd.grad(conv(z, wt, None, **kw), z, s)[0]
             return grad_in(shape, wt, s, **kw)
         return m.weight, m.bias, fwd, bwd
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if m.padding_mode != "zeros":
+            raise ArgumentError(f"layer {ctx.name!r}: ConvTranspose padding_mode={m.padding_mode!r} is not "
+                                f"supported (expected 'zeros')")
+        nd = x.dim() - 2
+        tconv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+        tkw = dict(stride=m.stride, padding=m.padding, output_padding=m.output_padding, groups=m.groups,
+                   dilation=m.dilation)
+        shape = x.shape
+
+        def fwd(inp: Tensor, wt: Tensor, bias: Tensor | None = None) -> Tensor:
+            return tconv(inp, wt, bias, **tkw)
+
+        def bwd(s: Tensor, wt: Tensor) -> Tensor:
+            # the adjoint of a transposed convolution is the convolution with the same weight
+            r = conv(s, wt, None, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+            if r.shape != shape:  # pragma: no cover - output_padding always stays below the stride
+                z = torch.zeros(shape, dtype=s.dtype, device=s.device, requires_grad=True)
+                with torch.enable_grad():
+                    r = torch.autograd.grad(tconv(z, wt, None, **tkw), z, s)[0]
+            return r
+        return m.weight, m.bias, fwd, bwd
     raise ArgumentError(f"rule for affine layers applied to {ctx.name!r} ({_op_name(ctx)}); "
-                        f"expected nn.Linear or nn.Conv1d/2d/3d")
+                        f"expected nn.Linear, nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d")
 
 
 def _bias_view(b: Tensor | None, y: Tensor, module: nn.Module | None) -> Tensor | None:
@@ -643,14 +712,22 @@ class BatchNormEpsilon(Rule):
     def backward(self, ctx: NodeContext, R: Tensor) -> list[Tensor | None]:
         m = ctx.module
         x = ctx.inputs[0]
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_var is None:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            var, weight, eps = m.running_var, m.weight, m.eps
+        elif m is None and getattr(ctx.target, "overloadpacket", None) is torch.ops.aten.batch_norm:
+            weight, var, eps = ctx.arg("weight", 1), ctx.arg("running_var", 4), ctx.arg("eps", 7, 1e-5)
+        elif m is None and ctx.target is F.batch_norm:
+            var, weight, eps = ctx.arg("running_var", 2), ctx.arg("weight", 3), ctx.arg("eps", 7, 1e-5)
+        else:
+            var = None
+        if var is None:
             raise ArgumentError(f"BatchNormEpsilon applied to {ctx.name!r} ({_op_name(ctx)}); expected a BatchNorm "
-                                f"module with running statistics")
-        a = torch.rsqrt(m.running_var + m.eps)
-        if m.weight is not None:
-            a = a * m.weight
+                                f"with running statistics (eval mode)")
+        a = torch.rsqrt(var + eps)
+        if weight is not None:
+            a = a * weight
         a = a.view(1, -1, *([1] * (x.dim() - 2)))
-        return [a * x * R / stabilize(ctx.output, self.epsilon)]
+        return [a * x * R / stabilize(ctx.output, self.epsilon)] + [None] * (len(ctx.inputs) - 1)
 
 
 def _op_name(ctx: NodeContext) -> str:
