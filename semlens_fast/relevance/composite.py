@@ -29,7 +29,7 @@ from . import rules_nn as NN
 
 __all__ = [
     "Composite", "dlbacktrace", "dlbacktrace_contrast", "dlbacktrace_compat", "lrp_epsilon",
-    "lrp_zplus", "lrp_alpha_beta", "epsilon_plus_flat", "AFFINE_TYPES",
+    "lrp_zplus", "lrp_alpha_beta", "epsilon_plus_flat", "AFFINE_TYPES", "module_matches",
 ]
 
 AFFINE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
@@ -62,15 +62,16 @@ INDEX_FUNCS: tuple[Any, ...] = (
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.cat,
     torch.concat, torch.stack, torch.split, torch.chunk, torch.narrow, torch.select, torch.movedim,
     torch.swapaxes, operator.getitem, torch.t, torch.unbind, torch.roll, torch.flip, torch.gather,
-    torch.index_select, torch.take_along_dim, F.pad, torch.masked_fill, torch.where,
+    torch.index_select, torch.take_along_dim, F.pad, torch.masked_fill, torch.where, torch.repeat_interleave,
+    torch.tile,
 ) + _aten("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
           "cat", "concat", "stack", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow",
           "flatten", "unflatten", "roll", "flip", "gather", "index_select", "index", "repeat", "movedim",
-          "swapaxes", "pad", "constant_pad_nd", "masked_fill", "where", "expand_as", "pixel_unshuffle")
+          "swapaxes", "pad", "constant_pad_nd", "masked_fill", "where", "expand_as", "repeat_interleave", "tile")
 INDEX_METHODS: tuple[str, ...] = (
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze", "expand",
     "expand_as", "view_as", "reshape_as", "split", "chunk", "narrow", "select", "movedim", "t",
-    "repeat", "unbind", "flip", "roll", "gather", "index_select", "masked_fill",
+    "repeat", "unbind", "flip", "roll", "gather", "index_select", "masked_fill", "repeat_interleave", "tile",
 )
 INDEX_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten)
 AVG_MODULES: tuple[type, ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -123,6 +124,17 @@ def _stochastic_depth_funcs() -> tuple[Any, ...]:
     return (stochastic_depth,)
 
 
+def module_matches(module: Any, types: Any) -> bool:
+    """``module`` is an instance of one of ``types`` that computes what that type computes: a
+    subclass that overrides ``forward`` (torchvision's ``LayerNorm2d``, weight-standardised
+    convolutions) is a different op and does not match (it is traced through instead)."""
+    ts = types if isinstance(types, tuple) else (types,)
+    for t in ts:
+        if isinstance(module, t) and getattr(type(module), "forward", None) is getattr(t, "forward", None):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class Composite:
     """A named rule set.
@@ -171,10 +183,10 @@ class Composite:
         if kind == "call_module":
             if is_first:
                 for types, rule in self.first_rules:
-                    if isinstance(module, types):
+                    if module_matches(module, types):
                         return rule
             for types, rule in self.module_rules:
-                if isinstance(module, types):
+                if module_matches(module, types):
                     return rule
             if any(isinstance(p, type) and isinstance(module, p) for p in self.passthrough):
                 return R.PassThrough()
@@ -305,7 +317,7 @@ def _lrp(name: str, conv_rule: R.Rule, linear_rule: R.Rule, first: Sequence[tupl
          canonize_batchnorm: bool = True) -> Composite:
     mods, funcs = _structural(R.AddSplit("z"), R.Norm(), ties="first", softmax=NN.SoftmaxLRP(),
                               layernorm=NN.LayerNormLRP(), batchnorm=R.BatchNormEpsilon(),
-                              sdpa=NN.ScaledDotProductAttention("lrp", "z", epsilon=1e-6), recurrent=NN.Recurrent("lrp"))
+                              sdpa=NN.ScaledDotProductAttention("lrp", "z"), recurrent=NN.Recurrent("lrp"))
     rules = [((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
               conv_rule), (nn.Linear, linear_rule)]
     return Composite(name, tuple(rules + mods), funcs, first_rules=tuple(first),

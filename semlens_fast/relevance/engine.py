@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError, DeviceError, ShapeError
 from . import rules as R
-from .composite import AFFINE_TYPES, Composite, dlbacktrace
+from .composite import AFFINE_TYPES, Composite, dlbacktrace, module_matches
 
 __all__ = ["RelevanceEngine", "RelevanceResult", "UnsupportedOpError", "relevance"]
 
@@ -139,6 +139,75 @@ def _functional_op(target: Any) -> Any:
     return out
 
 
+#: ops whose result depends on the shape/dtype of their input but not on its values
+_SHAPE_ONLY = set(getattr(_A, n) for n in ("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like",
+                                          "ones_like", "full_like", "empty_like", "sym_size", "sym_numel",
+                                          "sym_stride", "scalar_tensor") if hasattr(_A, n)) | \
+    {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, "new_zeros", "new_ones", "new_full",
+     "new_empty", "size", "dim", "numel", getattr, len}
+_VIEW_OPS = set(getattr(_A, n) for n in ("slice", "select", "view", "_unsafe_view", "as_strided", "diagonal",
+                                        "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "alias",
+                                        "t", "unflatten", "split", "chunk", "unbind", "split_with_sizes",
+                                        "reshape", "flatten", "view_as", "expand_as", "movedim"))
+
+
+def _dependents(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    """Nodes whose value depends on the values of an input (the others are constants: weights,
+    masks built from buffers or from an input's shape only)."""
+    dep: set[fx.Node] = {n for n in nodes if n.op == "placeholder"}
+    for n in nodes:
+        if n.op in _CALLS and any(a in dep for a in n.all_input_nodes):
+            if (n.op != "call_module" and _lookup_set(_SHAPE_ONLY, n.target)):
+                continue
+            dep.add(n)
+    return dep
+
+
+def _lookup_set(table: set, target: Any) -> bool:
+    try:
+        return target in table or _key(target) in table
+    except TypeError:
+        return False
+
+
+def _functionalize(ep: Any) -> fx.GraphModule:
+    """The graph of an ``ExportedProgram`` without in-place ops on input-dependent values.
+
+    Training-IR graphs keep in-place ops (``relu_``, ``add_``; ``fill_`` on a slice of a mask).
+    The interpreter keeps every node's value for the rules, so an in-place op on an
+    input-dependent tensor becomes its out-of-place twin and later uses of the mutated
+    tensor read the op's result. In-place ops on constants (masks built from shapes) run as
+    they are. Mutation through a view of an input-dependent tensor needs full
+    functionalisation (``run_decompositions({})``, slower)."""
+    gm = ep.module()
+    g = gm.graph
+    nodes = list(g.nodes)
+    dep = _dependents(nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    hard = False
+    for n in nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is None or not schema.is_mutable or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        a = n.args[0]
+        if a not in dep:
+            continue
+        twin = _functional_op(n.target)
+        if twin is n.target or (a.op == "call_function" and _lookup_set(_VIEW_OPS, a.target)):
+            hard = True
+            break
+        n.target = twin
+        for u in list(a.users):
+            if u is not n and order.get(u, -1) > order[n]:
+                u.replace_input_with(a, n)
+    if hard:
+        log.info("relevance: the exported graph mutates a view of an input-dependent tensor; functionalising it")
+        return ep.run_decompositions({}).module()
+    g.lint()
+    gm.recompile()
+    return gm
+
+
 def _functional_module(cls: type, vals: dict[str, Any]) -> nn.Module:
     """A stand-in module (class ``cls``, no ``__init__``) carrying a functional call's parameters."""
     m = cls.__new__(cls)
@@ -179,7 +248,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types):
+        if module_matches(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -291,6 +360,7 @@ class RelevanceEngine:
         self._fx_error: Exception | None = None
         self._fx_state: dict[str, Any] | None = None
         self._static_sig: tuple | None = None
+        self._export_cache: dict[tuple, dict[str, Any]] = {}
         if capture in ("auto", "fx"):
             try:
                 tracer = _Tracer(_leaf_types(self.composite))
@@ -322,28 +392,18 @@ class RelevanceEngine:
         self._setup(_hook_chain(self.model, xs[0], self._fx_error, ex_err), "hooks")
 
     def _export(self, xs: list[Tensor]) -> tuple[fx.GraphModule, str]:
-        """Capture with ``torch.export`` (batch dimension dynamic when the model allows it)."""
-        from torch.export import Dim, export
+        """Capture with ``torch.export`` for the shapes of ``xs`` (static shapes: capturing with a
+        symbolic batch size takes ~10x longer; each new input signature is captured once and
+        kept, see :meth:`_prepare_call`)."""
+        from torch.export import export
 
         args = tuple(xs)
-        self._static_sig = None
         with torch.enable_grad():  # keeps nn.MultiheadAttention / TransformerEncoderLayer off their fused paths
-            try:
-                dyn = tuple(torch.cat([x, x]) if x.dim() > 0 and x.shape[0] == 1 else x for x in args)
-                ep = export(self.model, dyn, dynamic_shapes=tuple({0: Dim.AUTO} if x.dim() > 0 else None
-                                                                  for x in args), strict=False)
-                gm = ep.module()
-                ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
-                val = ph[0].meta.get("val") if ph else None
-                if val is None or not isinstance(val.shape[0], torch.SymInt):
-                    raise ArgumentError("batch dimension was specialised")
-            except Exception:  # noqa: BLE001 - static shapes, re-captured per input signature
-                ep = export(self.model, args, strict=False)
-                gm = ep.module()
-                self._static_sig = _signature(args)
-        log.info("relevance: captured %s with torch.export (%s batch)", type(self.model).__name__,
-                 "static" if self._static_sig else "dynamic")
-        return gm, "export"
+            ep = export(self.model, args, strict=False)
+        self._static_sig = _signature(args)
+        log.info("relevance: captured %s with torch.export for input shapes %s", type(self.model).__name__,
+                 [tuple(x.shape) for x in args])
+        return _functionalize(ep), "export"
 
     def _setup(self, gm: fx.GraphModule, how: str) -> None:
         self.gm = gm
@@ -376,7 +436,7 @@ class RelevanceEngine:
             if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
                 continue
             lin = self.gm.get_submodule(src.target)
-            if not isinstance(lin, foldable):
+            if not module_matches(lin, foldable):
                 continue
             fused = copy.deepcopy(lin)
             if fused.bias is None:
@@ -415,11 +475,7 @@ class RelevanceEngine:
             raise ArgumentError("model: its forward takes no input")
         self.label = {n: n.meta.get("label", _node_label(n)) for n in nodes}
         # nodes that depend on an input (the others are constants: weights, masks from buffers, ...)
-        dep: set[fx.Node] = set(self.placeholders)
-        for n in nodes:
-            if n.op in _CALLS and any(a in dep for a in n.all_input_nodes):
-                dep.add(n)
-        self._depends = dep
+        self._depends = dep = _dependents(nodes)
         self._skip = {n for n in nodes if n.op == "call_module" and
                       type(self.gm.get_submodule(n.target)).__name__ == "GuardsFn"}
         # functional affine ops with constant weights
@@ -443,7 +499,7 @@ class RelevanceEngine:
                 self.func_affine[n] = spec
         self.first_affine = None
         for n in nodes:
-            if (n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), AFFINE_TYPES)) or \
+            if (n.op == "call_module" and module_matches(self.gm.get_submodule(n.target), AFFINE_TYPES)) or \
                     n in self.func_affine:
                 self.first_affine = n
                 break
@@ -572,8 +628,6 @@ class RelevanceEngine:
             return self.gm.get_submodule(n.target)(*args, **kwargs)
         if n.op == "call_function":
             fn = _INPLACE_FREE.get(n.target, n.target)
-            if hasattr(fn, "_schema"):
-                fn = _functional_op(fn)
             return fn(*args, **kwargs)
         if n.op == "call_method":
             meth = _INPLACE_METHODS.get(n.target, n.target)
@@ -723,9 +777,15 @@ class RelevanceEngine:
         has a rule (``capture="auto"``: an fx graph lacking rules is re-captured with torch.export)."""
         if self.traced_with == "pending":
             self._capture_fallback(xs)
-        elif self.traced_with == "export" and self._static_sig is not None and _signature(xs) != self._static_sig:
-            log.info("relevance: input shapes changed; re-capturing with torch.export")
-            self._setup(*self._export(xs))
+        elif self.traced_with == "export" and _signature(xs) != self._static_sig:
+            sig = _signature(xs)
+            self._export_cache[self._static_sig] = self._save_state()
+            if sig in self._export_cache:
+                self._restore_state(self._export_cache.pop(sig))
+            else:
+                self._setup(*self._export(xs))
+            while len(self._export_cache) > 7:  # keep the graphs of the 8 latest input signatures
+                self._export_cache.pop(next(iter(self._export_cache)))
         while True:
             self._refresh_folds()
             self._occ_set: dict[fx.Node, set] = {}
