@@ -543,6 +543,31 @@ class RelevanceEngine:
                 self.rules[n] = rule
         self._statistic = {n for n in nodes if n.op in ("call_function", "call_method") and
                            self.composite.is_statistic(n.op, n.target)}
+        self._fast_pool = {n: k for n in nodes if (k := self._block_pool(n)) is not None}
+        self._checked: dict[tuple, set[fx.Node]] = {}  # input dtypes -> variable nodes (graph checked)
+
+    def _block_pool(self, n: fx.Node) -> tuple[int, int] | None:
+        """Kernel of a 2-d max pooling with stride = kernel, no padding, dilation 1, no indices,
+        floor mode (computed faster by :func:`~.rules.max_pool2d_blocks`), else ``None``."""
+        if n.op == "call_module":
+            m = self.gm.get_submodule(n.target)
+            if type(m) is not nn.MaxPool2d or m.return_indices or m.ceil_mode:
+                return None
+            k, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
+        elif n.op == "call_function" and (n.target in (F.max_pool2d,) or _key(n.target) is _A.max_pool2d):
+            b = dict(zip(_MAXPOOL_ARGS, n.args))
+            b.update(n.kwargs)
+            if b.get("return_indices") or b.get("ceil_mode") or any(isinstance(v, fx.Node) for v in b.values()
+                                                                   if v is not b.get("input")):
+                return None
+            k, st, pd, dl = b.get("kernel_size"), b.get("stride"), b.get("padding", 0), b.get("dilation", 1)
+        else:
+            return None
+        k2 = R._pair(k, 2)
+        st2 = k2 if st in (None, [], ()) else R._pair(st, 2)
+        if st2 != k2 or R._pair(pd, 2) != (0, 0) or R._pair(dl, 2) != (1, 1):
+            return None
+        return k2
 
     def _module_aliases(self) -> None:
         """Export graphs: each module path names the relevance at that module's output (the
@@ -624,6 +649,10 @@ class RelevanceEngine:
             for part in str(n.target).split("."):
                 obj = getattr(obj, part)
             return obj
+        if n in self._fast_pool:
+            y = R.max_pool2d_blocks(args[0], self._fast_pool[n])
+            if y is not None:
+                return y
         if n.op == "call_module":
             return self.gm.get_submodule(n.target)(*args, **kwargs)
         if n.op == "call_function":
@@ -790,14 +819,20 @@ class RelevanceEngine:
             self._refresh_folds()
             self._occ_set: dict[fx.Node, set] = {}
             env = self._forward(xs)
-            self._var = self._variables(env)
             out_node = next(n for n in self.nodes if n.op == "output")
             out_arg = _unwrap_output(out_node.args[0])
             if not isinstance(out_arg, fx.Node) or not isinstance(env[out_arg], Tensor):
                 raise ArgumentError("model: the output must be a single tensor (got a "
                                     f"{type(env[out_node]).__name__}); wrap the model to return one tensor")
+            # which nodes carry relevance depends on the graph and the input dtypes only: checked once
+            sig = tuple(t.dtype for t in xs)
+            if sig in self._checked:
+                self._var = self._checked[sig]
+                return env, out_arg
+            self._var = self._variables(env)
             bad = self._unsupported(env, out_arg)
             if not bad:
+                self._checked[sig] = self._var
                 return env, out_arg
             if self.capture == "auto" and self.traced_with == "fx":
                 fx_state = self._save_state()
@@ -819,7 +854,8 @@ class RelevanceEngine:
 
     def _save_state(self) -> dict[str, Any]:
         keys = ("gm", "traced_with", "_aliases", "_folds", "nodes", "placeholders", "label", "_depends", "_skip",
-                "func_affine", "first_affine", "next_act", "redirect", "rules", "_statistic", "_static_sig")
+                "func_affine", "first_affine", "next_act", "redirect", "rules", "_statistic", "_static_sig",
+                "_fast_pool", "_checked")
         return {k: getattr(self, k) for k in keys}
 
     def _restore_state(self, st: dict[str, Any]) -> None:
