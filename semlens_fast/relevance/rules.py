@@ -545,9 +545,14 @@ class DLBAffine(Rule):
             # fast path: P + N = |W| |x|
             xa, wa = x.abs(), _abs(w)
             den = fwd(xa, wa, None if b is None else b.abs())
-            # with a non-zero bias everywhere the denominator is > 0: plain division
-            s = R / den if (b is not None and _nonzero(b)) else _safe_div(R, den)
-            return [xa * bwd(s, wa)]
+            # with a non-zero bias everywhere the denominator is > 0: plain division. The
+            # temporaries are reused in place (fewer fresh pages to fault in on large batches)
+            if b is not None and _nonzero(b) and den.dtype == R.dtype:
+                s = torch.div(R, den, out=den)
+            else:
+                s = _safe_div(R, den)
+            g = bwd(s, wa)
+            return [g.mul_(xa) if g.shape == xa.shape and g.dtype == xa.dtype else xa * g]
         P, N = _pos_neg(x, w, fwd)
         mp = torch.ones_like(P)
         mn = torch.ones_like(N)
@@ -666,12 +671,12 @@ class MaxPoolWinnerTakesAll(Rule):
             eq = xc.reshape(B, C, Ho, kh, size[1]) == y_w.view(B, C, Ho, 1, size[1])
             c = eq[:, :, :, 0].to(torch.uint8)
             for i in range(1, kh):
-                c = c + eq[:, :, :, i]
+                c += eq[:, :, :, i]
             c = c.view(B, C, Ho, Wo, kw)
             cnt = c[..., 0].to(R.dtype)
             for j in range(1, kw):
-                cnt = cnt + c[..., j]
-            r = _safe_div(R4, cnt)
+                cnt += c[..., j]
+            r = torch.div(R4, cnt.masked_fill_(cnt == 0, 1), out=cnt)
             r_w = r.repeat_interleave(kw, -1) if kw > 1 else r
             full = (eq * r_w.view(B, C, Ho, 1, size[1])).view(B, C, *size)
             if size != (H, W):
