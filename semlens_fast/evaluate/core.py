@@ -44,7 +44,7 @@ def evaluate(
     """Every metric of :data:`METRICS` for every explainer on ``task``.
 
     Attributions are computed ``batch`` samples per call; time per explanation = wall time /
-    samples, after one warm-up call on the first sample (graph capture, caches). Curves use
+    samples, after one warm-up call on the first batch (graph capture, caches). Curves use
     ``steps`` steps; faithfulness ``subsets`` random subsets of ``fraction`` of the features;
     max-sensitivity the first ``sensitivity_n`` samples (a quarter of them, at least 4, for
     methods that explain one sample at a time: KernelSHAP, LIME) with ``sensitivity_samples``
@@ -61,7 +61,8 @@ def evaluate(
     for name, e in exps.items():
         if progress:
             progress(f"{task.name} seed {task.seed}: {name}")
-        e(x[:1], t[:1])  # warm-up: graph capture, caches
+        w = min(batch, x.shape[0]) if e.batched else 1
+        e(x[:w], t[:w])  # warm-up on the first batch's shapes: graph capture (torch.export), caches
         t0 = time.perf_counter()
         attr = torch.cat([e(x[i:i + batch], t[i:i + batch]) for i in range(0, x.shape[0], batch)])
         secs = time.perf_counter() - t0

@@ -299,16 +299,31 @@ def dlbacktrace_contrast() -> Composite:
 
 
 def dlbacktrace_compat() -> Composite:
-    """dl-backtrace 0.1.24's CPU engine, reproduced for agreement checks, including its
-    defects: pooling by uniform upsampling (:class:`~.rules.UniformUpsample`), residual
-    additions split equally, linear layers with the ``0 -> 1`` fill, no activation
-    saturation. Not meant for explanations."""
+    """dl-backtrace 0.1.24's CPU engine, reproduced for agreement checks on the layers it
+    handles by a rule — Linear (with the ``0 -> 1`` fill), Conv, activations (no saturation),
+    pooling by uniform upsampling (:class:`~.rules.UniformUpsample`), reshapes, residual
+    additions split equally, elementwise products ``R/2, R/2``, norms and softmax passed
+    through — defects included. Matrix products and attention, embeddings, recurrent and
+    transposed-convolution layers raise :class:`~.engine.UnsupportedOpError`: dl-backtrace's
+    engine sends a product's relevance to its first operand through a generic shape aligner,
+    which this preset does not reproduce. Not meant for explanations."""
     mods, funcs = _dlb_structural(R.AddSplit("equal"), R.UniformUpsample())
     mods = [(t, (R.UniformUpsample() if t in (AVG_MODULES, MAX_MODULES) else r)) for t, r in mods]
     for f in MAX_FUNCS:
         funcs[f] = R.UniformUpsample()
+    product = NN.Refuse(
+        "dlbacktrace_compat does not reproduce dl-backtrace 0.1.24 here: for a product of tensors (matmul, bmm, "
+        "attention) it passes the whole output relevance to the first operand through its generic shape aligner "
+        "(align_relevance: sums, repeats, tiles and rescales it to the operand's shape) and none to the second; "
+        "use dlbacktrace() (the product rule)")
+    for f in MATMUL_FUNCS + MATMUL_METHODS + SDPA_FUNCS + RNN_FUNCS + EMBEDDING_FUNCS:
+        funcs[f] = product
+    other = NN.Refuse("dlbacktrace_compat reproduces dl-backtrace 0.1.24 only for Linear, Conv1d/2d/3d, activations, "
+                      "norms and softmax (passed through), pooling, reshapes, additions and elementwise products; use "
+                      "dlbacktrace()")
     rules = [(nn.Linear, R.DLBAffine(saturation=False, zero_fill=1.0)),
-             (AFFINE_TYPES[1:], R.DLBAffine(saturation=False))]
+             ((nn.Conv1d, nn.Conv2d, nn.Conv3d), R.DLBAffine(saturation=False)),
+             (RNN_MODULES + (nn.Embedding, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), other)]
     return Composite("dlbacktrace_compat", tuple(rules + mods), funcs, activation_saturation=False,
                      description="dl-backtrace 0.1.24 CPU engine (defects included)")
 

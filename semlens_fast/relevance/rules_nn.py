@@ -28,7 +28,7 @@ from ..errors import ArgumentError, ShapeError
 from .rules import NodeContext, Rule, _op_name, _safe_div, stabilize
 
 __all__ = ["SoftmaxLRP", "LayerNormLRP", "ScaledDotProductAttention", "Embedding", "Recurrent", "EvalIdentity",
-           "split_sum"]
+           "Refuse", "split_sum"]
 
 _aten = torch.ops.aten
 
@@ -253,6 +253,20 @@ class EvalIdentity(Rule):
             raise ShapeError(f"{_op_name(ctx)} at {ctx.name!r}: relevance of shape {tuple(R.shape)} for an input "
                              f"of shape {tuple(ctx.inputs[0].shape)}")
         return [R] + [None] * (len(ctx.inputs) - 1)
+
+
+class Refuse(Rule):
+    """An op a rule set deliberately does not handle: an :class:`~.engine.UnsupportedOpError`
+    with the reason, instead of a result that would silently differ from what the rule set
+    promises (e.g. :func:`~.composite.dlbacktrace_compat` on a matrix product)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def backward(self, ctx: NodeContext, R: Tensor) -> list[Tensor | None]:
+        from .engine import UnsupportedOpError
+
+        raise UnsupportedOpError(f"{_op_name(ctx)} at {ctx.name!r}: {self.reason}")
 
 
 # ----------------------------------------------------------------------------------
