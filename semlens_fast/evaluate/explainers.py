@@ -191,8 +191,7 @@ def _random(task: Task) -> Explainer:
     g = torch.Generator().manual_seed(12345 + task.seed)
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        shape = x.shape if task.kind != "text" else x.shape
-        return torch.rand(shape, generator=g)
+        return torch.rand(x.shape, generator=g)
     return Explainer("Random", "baseline", fn)
 
 

@@ -222,7 +222,8 @@ def _structural(add_rule: R.Rule, avg_rule: R.Rule, ties: str = "split", *, soft
     maxpool = R.MaxPoolWinnerTakesAll(ties)
     emb = NN.Embedding()
     mods: list[tuple[Any, R.Rule]] = [
-        (ACTIVATION_MODULES + IDENTITY_MODULES, passthrough),
+        (ACTIVATION_MODULES + (nn.Identity,), passthrough),
+        (IDENTITY_MODULES[1:], NN.EvalIdentity()),  # dropout: the identity in eval mode only
         (INDEX_MODULES, index),
         (AVG_MODULES, avg_rule),
         (MAX_MODULES, maxpool),
