@@ -220,7 +220,7 @@ def _functional_module(cls: type, vals: dict[str, Any]) -> nn.Module:
             return v if isinstance(v, str) else (tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * nd)
         attrs.update(stride=tup(vals.get("stride", 1)), padding=tup(vals.get("padding", 0)),
                      dilation=tup(vals.get("dilation", 1)), groups=int(vals.get("groups", 1)), padding_mode="zeros")
-        if "output_padding" in _TCONV_ARGS and cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        if cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
             attrs["output_padding"] = tup(vals.get("output_padding", 0))
     for k, v in attrs.items():
         object.__setattr__(m, k, v)
@@ -358,7 +358,6 @@ class RelevanceEngine:
         self.capture = capture
         self.traced_with = "pending"
         self._fx_error: Exception | None = None
-        self._fx_state: dict[str, Any] | None = None
         self._static_sig: tuple | None = None
         self._export_cache: dict[tuple, dict[str, Any]] = {}
         if capture in ("auto", "fx"):
@@ -494,8 +493,8 @@ class RelevanceEngine:
             else:
                 w = bound.get("weight")
             b = bound.get("bias")
-            const = (lambda a: not isinstance(a, fx.Node) or a not in dep)
-            if isinstance(w, fx.Node) and w not in dep and const(b) and isinstance(bound.get("input"), fx.Node):
+            b_const = not isinstance(b, fx.Node) or b not in dep
+            if isinstance(w, fx.Node) and w not in dep and b_const and isinstance(bound.get("input"), fx.Node):
                 self.func_affine[n] = spec
         self.first_affine = None
         for n in nodes:
@@ -649,7 +648,7 @@ class RelevanceEngine:
             for part in str(n.target).split("."):
                 obj = getattr(obj, part)
             return obj
-        if n in self._fast_pool:
+        if subst is None and n in self._fast_pool:  # forward only: re-runs for a VJP keep max-pool's gradient
             y = R.max_pool2d_blocks(args[0], self._fast_pool[n])
             if y is not None:
                 return y
