@@ -24,7 +24,8 @@ fi
 
 # torch first: these exact releases come from local files on the reference machine.
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-# the package (builds semlens_fast._C in place) with its test and benchmark extras
+# the package (builds semlens_fast._C in place) with its test and benchmark extras (these bring
+# captum, the baselines of the relevance evaluation)
 python -m pip install -q -e ".[test,bench]"
 # dl-backtrace, the relevance peer: it pins torch 2.6 and TensorFlow, so it goes in without its
 # dependencies, plus the few modules it imports (its agreement tests run in a subprocess).
@@ -32,5 +33,6 @@ python -m pip install -q --no-deps dl-backtrace==0.1.24
 python -m pip install -q lz4 seaborn zstandard graphviz threadpoolctl matplotlib ipython
 python - <<'PY'
 import semlens_fast, semlens_fast.ops as ops
-print(f"semlens_fast {semlens_fast.__version__} ready; CPU kernels: {ops.cpu_isa()}")
+import captum  # the relevance evaluation's baselines (semlens_fast.evaluate)
+print(f"semlens_fast {semlens_fast.__version__} ready; CPU kernels: {ops.cpu_isa()}; captum {captum.__version__}")
 PY

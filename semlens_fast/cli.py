@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = add("bench", "run the benchmark suites side by side with the peers and rewrite BENCHMARKS.md", cmd_bench,
             run=False)
-    b.add_argument("suites", nargs="*", help="suite files, e.g. bench_topk.py (default all)")
+    b.add_argument("suites", nargs="*", help="suite files, e.g. bench_topk.py, or short names: `relevance` runs "
+                                             "every bench_relevance*.py (speed and the evaluation table) (default all)")
     b.add_argument("--scale", type=float, help="SEMLENS_BENCH_SCALE: shrink the problem sizes (e.g. 0.1)")
     return p
 
