@@ -143,20 +143,11 @@ class Explorer:
         self.writable = bool(writable)
         self.limits = limits or Limits()
         self._lock = threading.RLock()
-        self.db = run.concept_db()
-        self.lens = run.lens()
-        self.fm = self.lens.fm
-        self.data = run.data()
-        self.layers: list[str] = list(self.lens.layers)
+        # cheap checks first (manifests, JSON files, relevance), then the data set, then the models
+        self.db = run.concept_db()  # MissingArtifactError (3) / RunMismatchError, StoreError (4)
+        self.layers: list[str] = list(self.db.layers)
         self._order = _layer_order(self.layers)
         self.input_size = self.db.meta.get("input_size")
-        from ..examples import ImageSource
-
-        self._images = ImageSource(self.data)
-        for n in self.layers:  # ids the DB names must exist in the data set (else: another data set)
-            ids = self.db[n].ids
-            self._images.check_ids(ids[ids >= 0], f"the ConceptDB of {run.path} (layer {n!r})")
-        self.n_samples = self._images.length
         self.classes: list[str] | None = list(run.classes) if run.classes else None
         self._labels = self._read_labels()
         self._audit = self._read_audit()
@@ -164,9 +155,27 @@ class Explorer:
         self._relevance: dict[int, dict[str, torch.Tensor]] = {}
         for key in run.manifest.get("stages", {}):
             if key.startswith("relevance:") and key.split(":", 1)[1].isdigit():
-                r = run.relevance(int(key.split(":", 1)[1]))  # StoreError (exit 4) when damaged
-                if r is not None:  # None: computed for other weights
-                    self._relevance[int(key.split(":", 1)[1])] = r
+                t = int(key.split(":", 1)[1])
+                r = run.relevance(t)  # StoreError (exit 4) when damaged; None: computed for other weights
+                if r is None:
+                    continue
+                for n, v in r.items():
+                    if n in self._order and tuple(v.shape) != (self.db[n].channels,):
+                        from ..workspace import RunMismatchError
+
+                        raise RunMismatchError(f"{run.path / 'relevance' / f'class{t}.safetensors'}: layer {n!r} has "
+                                               f"shape {tuple(v.shape)}, the ConceptDB has {self.db[n].channels} components")
+                self._relevance[t] = r
+        self.data = run.data()
+        from ..examples import ImageSource
+
+        self._images = ImageSource(self.data)
+        for n in self.layers:  # ids the DB names must exist in the data set (else: another data set)
+            ids = self.db[n].ids
+            self._images.check_ids(ids[ids >= 0], f"the ConceptDB of {run.path} (layer {n!r})")
+        self.n_samples = self._images.length
+        self.lens = run.lens()
+        self.fm = self.lens.fm
         self.others: dict[str, Any] = {}
         for name, other in (others or {}).items():
             self.others[str(name)] = other
@@ -193,19 +202,17 @@ class Explorer:
         others = {}
         for p in compare_with:
             o = Run.open(p)
+            odb, db = o.concept_db(), run.concept_db()  # checked against their stores
+            if odb.foundation.get("fingerprint") != db.foundation.get("fingerprint"):
+                raise ArgumentError(f"--compare-with {o.path}: its ConceptDB was embedded by "
+                                    f"{odb.foundation.get('name')!r}, this run's by {db.foundation.get('name')!r}; "
+                                    "runs can only be compared in one embedding space")
             name = Path(p).resolve().name
             base, i = name, 2
             while name in others:
                 name, i = f"{base}-{i}", i + 1
-            others[name] = o
-        ex = cls(run, writable=writable, others=others, limits=limits)
-        for o in ex.others.values():
-            odb = o.concept_db()  # checked against its store; its foundation model is not loaded (not needed)
-            if odb.foundation.get("fingerprint") != ex.db.foundation.get("fingerprint"):
-                raise ArgumentError(f"--compare-with {o.path}: its ConceptDB was embedded by "
-                                    f"{odb.foundation.get('name')!r}, this run's by {ex.db.foundation.get('name')!r}; "
-                                    "runs can only be compared in one embedding space")
-        return ex
+            others[name] = o  # its foundation model is never loaded (not needed to compare)
+        return cls(run, writable=writable, others=others, limits=limits)
 
     def _read_run_json(self, name: str, strict: bool = False) -> Any:
         from ..workspace import RunMismatchError
