@@ -362,8 +362,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_upload_pixels=int(args.max_upload_mpx * 1e6))
     if limits.max_upload_bytes < 1 or limits.max_upload_pixels < 1:
         raise CommandError("--max-upload-mb and --max-upload-mpx must be positive")
+    ready = (lambda url: print(json.dumps({"url": url, "run": str(args.run), "writable": args.writable}))) if args.json else None
     return serve(args.run, host=args.host, port=args.port, writable=args.writable, compare_with=args.compare_with or [],
-                 limits=limits, access_log=args.access_log, say=(lambda s: None) if args.json else print)
+                 limits=limits, access_log=args.access_log, say=(lambda s: None) if args.json else print, on_ready=ready)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -339,6 +339,8 @@ def test_hosts_origins_and_headers(served):
     assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
     assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
     assert "<script" not in r.text  # no script at all in the pages
+    rep = client.get("/report/index.html").headers["content-security-policy"]  # the static report's own inline code
+    assert "script-src 'unsafe-inline'" in rep and "connect-src 'none'" in rep and "form-action 'none'" in rep
 
 
 def test_queries_and_labels_are_escaped(served, writable):

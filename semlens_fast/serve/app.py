@@ -44,6 +44,10 @@ HERE = Path(__file__).resolve().parent
 API = "/api/v1"
 CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; form-action 'self'; "
        "base-uri 'none'; frame-ancestors 'none'; connect-src 'self'")
+# the run's static report (report/html.py) is one self-contained page with inline CSS and a few lines
+# of inline script (it escapes its own content); it may use them, and nothing else
+REPORT_CSP = ("default-src 'none'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'unsafe-inline'; "
+              "form-action 'none'; base-uri 'none'; frame-ancestors 'none'; connect-src 'none'")
 MULTIPART_ALLOWANCE = 64 * 1024  # form fields and multipart framing around an upload
 MAP_PX = 640
 
@@ -106,7 +110,12 @@ async def _plain(send: Any, status: int, text: str) -> None:
 
 
 class SecurityHeaders:
-    """Strict headers on every response; POSTs whose ``Origin`` is another host are refused (403)."""
+    """Strict headers on every response; POSTs whose ``Origin`` is another host (or ``null``) are refused (403).
+
+    The referrer policy is ``same-origin``, not ``no-referrer``: under ``no-referrer`` browsers send
+    ``Origin: null`` even with the pages' own form posts, which could then not be told from a
+    cross-site post.
+    """
 
     def __init__(self, app: Any):
         self.app = app
@@ -121,12 +130,14 @@ class SecurityHeaders:
             if origin == "null" or urlsplit(origin).netloc != host:
                 return await _plain(send, 403, f"cross-site request refused (Origin {origin!r}, Host {host!r})")
 
+        csp = REPORT_CSP if scope.get("path", "").startswith("/report/") else CSP
+
         async def send_with_headers(msg: dict) -> None:
             if msg["type"] == "http.response.start":
                 h = list(msg.get("headers", []))
                 names = {k.lower() for k, _ in h}
-                extra = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                         (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"),
+                extra = [(b"content-security-policy", csp.encode()), (b"x-content-type-options", b"nosniff"),
+                         (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY"),
                          (b"cross-origin-resource-policy", b"same-origin")]
                 h += [(k, v) for k, v in extra if k not in names]
                 if b"cache-control" not in names:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,9 +51,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8765, writable: bool = False,
           compare_with: Sequence[str | Path] = (), limits: Limits | None = None, allowed_hosts: list[str] | None = None,
-          access_log: bool = False, say: Callable[[str], None] = print) -> int:
-    """Serve ``run`` until interrupted. The run is opened and checked before the port is bound,
-    so a damaged run raises (and the CLI exits with its code) without ever listening."""
+          access_log: bool = False, say: Callable[[str], None] = print,
+          on_ready: Callable[[str], None] | None = None) -> int:
+    """Serve ``run`` until interrupted (Ctrl-C or SIGTERM: graceful shutdown, returns 0).
+
+    The run is opened and checked before the port is bound, so a damaged run raises (and the CLI
+    exits with its code) without ever listening. ``on_ready(url)`` is called once the socket
+    listens (default: ``say`` a line with the URL).
+    """
     try:
         import uvicorn
 
@@ -73,14 +80,35 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8765, writabl
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off", server_header=False,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    say(f"semlens serve: http://{shown}:{actual}/ (run {ex.run.path}, {'writable' if writable else 'read-only'}; "
-        "Ctrl-C stops)")
+    url = f"http://{shown}:{actual}/"
+    if on_ready is not None:
+        on_ready(url)
+    else:
+        say(f"semlens serve: {url} (run {ex.run.path}, {'writable' if writable else 'read-only'}; Ctrl-C stops)")
     sys.stdout.flush()
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal; for a server that
+    # is the normal way to stop, so both end in exit code 0
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         server.run(sockets=[sock])
+    except (KeyboardInterrupt, _Terminated):
+        pass
     finally:
         sock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    say("semlens serve: stopped")
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, re-raised by uvicorn after its graceful shutdown."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 __all__ = ["serve", "bind", "is_loopback"]
