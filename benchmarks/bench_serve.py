@@ -96,6 +96,14 @@ def bench_run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("serve-bench") / "run")
 
 
+@pytest.fixture
+def conn(server):
+    """A keep-alive connection to the server, one per benchmark (uvicorn closes idle ones after 5 s)."""
+    c = http.client.HTTPConnection("127.0.0.1", server[1], timeout=120)
+    yield c
+    c.close()
+
+
 @pytest.fixture(scope="module")
 def server(bench_run):
     """``semlens serve`` (the real app and uvicorn) on a free port, in a thread of this process."""
@@ -111,9 +119,7 @@ def server(bench_run):
     t.start()
     while not srv.started:
         time.sleep(0.05)
-    conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=120)
-    yield ex, conn
-    conn.close()
+    yield ex, sock.getsockname()[1]
     srv.should_exit = True
     t.join(30)
     sock.close()
@@ -145,8 +151,7 @@ def _info(benchmark, label: str, ours: bool = False, note: str = "") -> None:
     benchmark.extra_info.update(label=label, ours=ours, components=N_LAYERS * PER_LAYER, note=note)
 
 
-def test_serve_text_query(benchmark, server):
-    ex, conn = server
+def test_serve_text_query(benchmark, conn):
     _info(benchmark, "semlens serve: HTTP GET /api/v1/search (new text each call)", ours=True)
     out = benchmark.pedantic(lambda: _get(conn, "/api/v1/search?" + urlencode({"q": next(_texts), "k": TOPK, "examples": 0})),
                              rounds=30, warmup_rounds=3)
@@ -154,8 +159,7 @@ def test_serve_text_query(benchmark, server):
     benchmark.extra_info["server_took_ms_last"] = out["took_ms"]
 
 
-def test_serve_repeated_text(benchmark, server):
-    ex, conn = server
+def test_serve_repeated_text(benchmark, conn):
     _info(benchmark, "semlens serve: the same text again (probe cached)")
     q = "/api/v1/search?" + urlencode({"q": "a white square stamp", "k": TOPK, "examples": 0})
     _get(conn, q)
@@ -178,7 +182,7 @@ def test_load_per_request_model_kept(benchmark, bench_run, server):
     from semlens_fast.lens import Lens
     from semlens_fast.workspace import Run
 
-    ex, _ = server
+    ex = server[0]
     _info(benchmark, "load per request, foundation model kept: Run.open, ConceptDB, Lens.search")
 
     def once():
@@ -203,8 +207,7 @@ def test_cli_per_call(benchmark, bench_run, tmp_path):
     benchmark.pedantic(once, rounds=3, warmup_rounds=0)
 
 
-def test_serve_embedding_query(benchmark, server):
-    ex, conn = server
+def test_serve_embedding_query(benchmark, conn):
     benchmark.group = "serve: embedding query"
     benchmark.extra_info.update(label="semlens serve: HTTP POST /api/v1/search with a 384-d embedding", ours=True,
                                 components=N_LAYERS * PER_LAYER)
@@ -215,7 +218,7 @@ def test_serve_embedding_query(benchmark, server):
 
 
 def test_lens_embedding_in_process(benchmark, server):
-    ex, _ = server
+    ex = server[0]
     benchmark.group = "serve: embedding query"
     benchmark.extra_info.update(label="Lens.search in process (no HTTP, no JSON)", components=N_LAYERS * PER_LAYER)
     g = torch.Generator().manual_seed(2)
