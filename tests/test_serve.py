@@ -92,6 +92,13 @@ def test_text_search_equals_the_lens_and_the_cli(served, run_dir, capsys):
     assert [(x["layer"], x["component"]) for x in rows] == [(g["layer"], g["component"]) for g in got]
 
 
+def test_text_probes_equal_the_lens_probes(served):
+    ex, _, _ = served
+    for text in ["a white square stamp", "7", "a long query about stripes, dots and a square"]:
+        assert torch.allclose(ex.text_probe(text), ex.lens.embed_texts([text]).float(), atol=1e-6)
+    assert ex.text_probe("7") is ex.text_probe("7")  # cached
+
+
 def test_post_search_text_layers_and_per_layer(served):
     ex, client, _ = served
     r = client.post("/api/v1/search", json={"text": "a white square stamp", "k": 3, "layers": ["conv2"],
@@ -303,6 +310,10 @@ def test_pages_render(served):
     assert r.status_code == 200 and "Flagged components" in r.text
     r = client.get("/neuron/conv1/99")
     assert r.status_code == 404 and "components 0..15" in r.text
+    r = client.get("/neuron/conv1/abc")
+    assert r.status_code == 422 and "<h1>422</h1>" in r.text
+    r = client.get("/api/v1/neurons/conv1/abc")
+    assert r.status_code == 422 and r.json()["error"] == "RequestValidationError"
 
 
 # ---------------------------------------------------------------------- safety

@@ -26,6 +26,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -323,6 +325,15 @@ def create_app(explorer: Explorer) -> FastAPI:
         return page(request, "error.html", status=exc.status_code, title=f"Error {exc.status_code}",
                     status_code=exc.status_code, message=str(exc.detail),
                     error="HTTPException")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = jsonable_encoder(exc.errors())
+        if request.url.path.startswith(("/api/", "/img/")):
+            return JSONResponse({"error": "RequestValidationError", "detail": errors}, status_code=422)
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in errors)
+        return page(request, "error.html", status=422, title="Error 422", status_code=422, message=msg,
+                    error="RequestValidationError")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -180,6 +180,7 @@ class Explorer:
         for name, other in (others or {}).items():
             self.others[str(name)] = other
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._null: torch.Tensor | None = None
         self._class_probe_cache: dict[str, torch.Tensor] = {}
         self._map: dict[str, Any] | None = None
         self._other_lens: dict[str, Any] = {}
@@ -364,11 +365,22 @@ class Explorer:
             if hit is not None:
                 self._text_cache.move_to_end(text)
                 return hit
-            emb = self.lens.embed_texts([text]).float().cpu()
+            emb = self._embed_text(text)
             self._text_cache[text] = emb
             while len(self._text_cache) > self.limits.text_cache:
                 self._text_cache.popitem(last=False)
             return emb
+
+    def _embed_text(self, text: str) -> torch.Tensor:
+        """``lens.embed_texts([text])`` with the null prompts' embedding computed once: the Lens's
+        probe is ``mean_j (e(t_j(q)) - e(t_j("")))`` = ``mean_j e(t_j(q)) - mean_j e(t_j(""))``, so
+        the second term is cached and a new query costs one encoder pass instead of two (equal to
+        the Lens's probe up to float rounding)."""
+        if not self.lens.templates:  # raw texts, no null subtraction
+            return self.lens.embed_texts([text]).float().cpu()
+        if self._null is None:
+            self._null = self.lens.embed_texts([""], null_subtract=False).float().cpu()
+        return self.lens.embed_texts([text], null_subtract=False).float().cpu() - self._null
 
     def image_probe(self, image: Any) -> torch.Tensor:
         with self._lock:
