@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -453,6 +454,9 @@ def test_refuses_damaged_runs_with_the_cli_exit_codes(run_dir, tmp_path, capsys)
     man = read_json(no_db / "run.json")
     del man["stages"]["embed"]
     write_json(no_db / "run.json", man)
+    code, err = serve_code(capsys, "--run", no_db)  # concepts/ there, but no record of it: replaced
+    assert code == 4 and "semlens embed" in err
+    shutil.rmtree(no_db / "concepts")  # the stage never ran
     code, err = serve_code(capsys, "--run", no_db)
     assert code == 3 and "semlens embed" in err
 
