@@ -9,12 +9,14 @@ from typing import Any, Optional
 from ..core import ValidationResult
 from ..stats import epsilon_bound
 
-__all__ = ["Row", "CaseStudyReport", "paper_failures", "rows_from"]
+__all__ = ["Row", "CaseStudyReport", "paper_failures", "rows_from", "PAPER_CONFIDENCE"]
+
+PAPER_CONFIDENCE = 0.95  # the paper's epsilons are one-sided Clopper-Pearson bounds at 95%
 
 
 def paper_failures(epsilon: float, n: int, confidence: float = 0.95) -> Optional[int]:
     """The number of failures out of ``n`` whose one-sided Clopper-Pearson bound is ``epsilon``
-    (the paper reports epsilon only; this inverts it). ``None`` if no count matches to 1e-3
+    (the paper reports epsilon only; this inverts it). ``None`` if no count matches to 1e-6
     relative."""
     if epsilon >= 1.0:
         return n
@@ -25,10 +27,9 @@ def paper_failures(epsilon: float, n: int, confidence: float = 0.95) -> Optional
             lo = mid + 1
         else:
             hi = mid
-    for k in (lo - 1, lo, lo + 1):
-        if 0 <= k <= n and math.isclose(epsilon_bound(n - k, n, confidence), epsilon, rel_tol=1e-3):
-            return k
-    return None
+    cands = [k for k in (lo - 1, lo, lo + 1) if 0 <= k <= n]
+    best = min(cands, key=lambda k: abs(epsilon_bound(n - k, n, confidence) - epsilon))
+    return best if math.isclose(epsilon_bound(n - best, n, confidence), epsilon, rel_tol=1e-6) else None
 
 
 @dataclass
@@ -71,6 +72,8 @@ class CaseStudyReport:
     details: dict[str, Any] = field(default_factory=dict)
     construction: list[str] = field(default_factory=list)
     results: dict[str, ValidationResult] = field(default_factory=dict)
+    confidence: float = PAPER_CONFIDENCE
+    notes: dict[str, str] = field(default_factory=dict)
 
     def to_records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
@@ -83,23 +86,27 @@ class CaseStudyReport:
         raise KeyError(f"no row ({component!r}, {axiom!r}, {equivalence!r}); have {have}")
 
     def differences(self) -> list[str]:
-        """Where our outcome differs from the paper's, and why (from the counts)."""
-        out = []
+        """Where our outcome differs from the paper's, and why (from the counts and the case
+        study's notes, keyed by component)."""
+        out, n_only = [], []
         for r in self.rows:
             ok = r.agrees
-            if ok is None or ok and r.failures == 0 and r.n == r.n_paper:
+            if ok is None:
                 continue
-            where = f"{r.component} {r.axiom} ({r.equivalence})"
             if ok:
                 if r.failures == 0 and r.n != r.n_paper:
-                    out.append(f"{where}: no failure in either; epsilon differs only through n "
-                               f"(ours {r.n:,}, paper {r.n_paper:,}): with 0 failures it is 1 - 0.05^(1/n)")
+                    n_only.append(r)
                 continue
             fp = r.failures_paper
-            ours, theirs = r.failures / r.n, (fp / r.n_paper if fp is not None and r.n_paper else float("nan"))
-            more = "more" if ours > theirs else "fewer"
-            out.append(f"{where}: we see {more} failures ({100 * ours:.3g}% of {r.n:,} vs the paper's "
-                       f"{100 * theirs:.3g}% of {r.n_paper:,}); {r.note or 'our model is trained here, not the paper’s'}")
+            theirs = f"{100 * fp / r.n_paper:.3g}%" if fp is not None and r.n_paper else "?"
+            why = self.notes.get(r.component, "")
+            out.append(f"{r.component} {r.axiom} ({r.equivalence}): {100 * r.failures / r.n:.3g}% of ours fail, "
+                       f"{theirs} of the paper's" + (f"; {why}" if why else ""))
+        if n_only:
+            ns = sorted({r.n for r in n_only})
+            out.insert(0, f"{len(n_only)} rows have no failure in either, and epsilon differs only through n (ours "
+                          f"{', '.join(f'{n:,}' for n in ns)}; the paper's {n_only[0].n_paper:,}): with no failure it "
+                          f"is 1 - (1 - c)^(1/n)")
         return out
 
     def __str__(self) -> str:
@@ -122,6 +129,9 @@ class CaseStudyReport:
             lines += ["", "run:"] + [f"  {k}: {v}" for k, v in self.details.items()]
         if self.construction:
             lines += ["", "how our construction differs from the paper's:"] + [f"  * {c}" for c in self.construction]
+        if self.confidence != PAPER_CONFIDENCE:
+            lines += ["", f"note: our epsilons are at {self.confidence:.0%}, the paper's at {PAPER_CONFIDENCE:.0%}; compare the "
+                      f"failure counts"]
         diffs = self.differences()
         lines += ["", "where our numbers differ from the paper's:" if diffs else "our numbers agree with the paper's on every row."]
         lines += [f"  * {d}" for d in diffs]
@@ -142,6 +152,6 @@ def rows_from(result: ValidationResult, component_names: dict[int, str], equival
         eq = equivalence[(r.stage_index, r.axiom)]
         ep = paper.get((comp, r.axiom, eq))
         rows.append(Row(comp, r.axiom, eq, r.n, r.failures, r.epsilon, ep, n_paper if ep is not None else None,
-                        paper_failures(ep, n_paper, r.confidence) if ep is not None else None,
+                        paper_failures(ep, n_paper, PAPER_CONFIDENCE) if ep is not None else None,
                         (notes or {}).get((comp, r.axiom), "")))
     return rows

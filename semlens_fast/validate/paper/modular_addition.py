@@ -51,7 +51,7 @@ __all__ = [
 P = 113
 FRAC_TRAIN = 0.3
 WEIGHTS = Path(__file__).parent / "weights" / "modular_addition_p113.safetensors"
-COMPONENTS = ("embed (Fourier features)", "attn+MLP-in (angle sums)", "MLP-out+unembed (argmax)")
+COMPONENTS = ("embedding (Fourier)", "angle sums (attn+MLP-in)", "logits (MLP-out+unembed)")
 PAPER_N = 8939
 PAPER_FREQS = [14, 35, 41, 42, 52]
 _E0 = 0.0003350744321373167  # 1 - 0.05 ** (1 / 8939): no failure on the paper's 8,939 test pairs
@@ -107,7 +107,7 @@ def train_modular_addition(
     d_model: int = 128,
     n_heads: int = 4,
     d_mlp: int = 512,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     weight_decay: float = 1.0,
     max_steps: int = 40_000,
     stop_test_loss: float = 1e-4,
@@ -117,7 +117,8 @@ def train_modular_addition(
     progress: bool = True,
 ) -> tuple[Transformer, dict[str, Any]]:
     """Train the model full-batch on the training pairs (AdamW, betas (0.9, 0.98), 10 warm-up
-    steps; Nanda et al.'s recipe) until the test loss falls below ``stop_test_loss`` with every
+    steps, weight decay 1: Nanda et al.'s recipe, with the learning rate raised from 1e-3 to
+    3e-3 so that it groks in fewer steps on a CPU) until the test loss falls below ``stop_test_loss`` with every
     test pair right (checked every ``eval_every`` steps), or ``max_steps``. Deterministic for a
     given ``seed`` and thread count. Returns ``(model, info)``; ``info`` has the steps, wall
     seconds, final train/test loss and accuracy and the history."""
@@ -301,11 +302,15 @@ class FourierInterpretation:
         return torch.stack([self.h3(s), concrete], 1)
 
     def stages(self, equivs: tuple[Any, Any, Any]) -> list:
+        """The interpretation as :class:`~semlens_fast.validate.Stage` s with the given
+        equivalences; replaceability runs the rest of the model from the patched state directly
+        (``rest=``: the embedding -> logits, the packed MLP state -> logits)."""
         from ..core import Stage
 
+        m = self.model
         return [
-            Stage(COMPONENTS[0], None, "embed", self.h1, self.alpha1, self.gamma1, equivs[0]),
-            Stage(COMPONENTS[1], "embed", "blocks.0.mid", self.h2, self.alpha2, self.gamma2, equivs[1]),
+            Stage(COMPONENTS[0], None, "embed", self.h1, self.alpha1, self.gamma1, equivs[0], rest=m.from_embed),
+            Stage(COMPONENTS[1], "embed", "blocks.0.mid", self.h2, self.alpha2, self.gamma2, equivs[1], rest=m.tail),
             Stage(COMPONENTS[2], "blocks.0.mid", None, self.h3, self.alpha3, self.gamma3, equivs[2]),
         ]
 
@@ -340,7 +345,7 @@ def run_modular_addition(
     embedding; the paper's "concrete and abstract downstream" equivalence, exact and rounded to
     1 decimal at the angle sums; exact at the output. Replaceability (A3/A4) compares the
     model's argmax decision. Returns the table beside the paper's."""
-    from ..core import validate
+    from ..core import Interpretation, validate_many
     from ..equivalence import downstream, exact, rounded
     from .compare import CaseStudyReport, rows_from
 
@@ -358,9 +363,12 @@ def run_modular_addition(
     t_fit = time.perf_counter() - t0
     x = data.x[data.test]
     kw = dict(confidence=confidence, batch_size=batch_size, progress=progress, device=device)
-    main = validate(model, interp.stages((rounded(3), downstream(interp.downstream), exact())), x, **kw)
-    exact_run = validate(model, interp.stages((exact(), exact(), exact())), x, axioms=("A1", "A2"), **kw)
-    r1_run = validate(model, interp.stages((exact(), rounded(1), exact())), x, axioms=("A1", "A2"), **kw)
+    runs = validate_many(model, {
+        "main": interp.stages((rounded(3), downstream(interp.downstream), exact())),
+        "exact": Interpretation(interp.stages((exact(), exact(), exact())), axioms=("A1", "A2")),
+        "rounded-1": Interpretation(interp.stages((exact(), rounded(1), exact())), axioms=("A1", "A2")),
+    }, x, **kw)
+    main, exact_run, r1_run = runs["main"], runs["exact"], runs["rounded-1"]
     t_val = time.perf_counter() - t0 - t_fit
     eq_main = {(i, a): e for i, e in enumerate(("rounded-3", "downstream", "exact")) for a in ("A1", "A2")}
     eq_main.update({(i, a): "argmax" for i in range(3) for a in ("A3", "A4")})
@@ -386,8 +394,9 @@ def run_modular_addition(
                     if info and "steps" in info and "seconds" in info else ""),
         "test accuracy": f"{test_acc:.4%} on {len(data.test):,} test pairs (the paper's test set: {PAPER_N:,})",
         "key frequencies": f"{interp.freqs} (read off the trained embedding; the paper's model: {PAPER_FREQS})",
-        "time": f"fit alpha/gamma {t_fit:.1f} s, validate (3 runs, every axiom at every component) {t_val:.1f} s",
+        "time": f"fit alpha/gamma {t_fit:.1f} s, validate (every axiom at every component, 3 equivalences) {t_val:.1f} s",
     }
     return CaseStudyReport("modular-addition", "Modular addition (Nanda et al.'s model, the Fourier interpretation): "
                            f"epsilon at {confidence:.0%} confidence, ours beside the paper's", rows, details,
-                           list(CONSTRUCTION), {"main": main, "exact": exact_run, "rounded-1": r1_run})
+                           list(CONSTRUCTION), {"main": main, "exact": exact_run, "rounded-1": r1_run},
+                           confidence=confidence)

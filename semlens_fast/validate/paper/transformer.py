@@ -129,6 +129,16 @@ class Transformer(nn.Module):
             x = blk(x)
         return self.unembed(x)
 
+    def from_embed(self, e: torch.Tensor) -> torch.Tensor:
+        """Logits from the token embedding ``[B, T, d]`` (the output of ``embed``)."""
+        return self.from_block(e + self.pos[: e.shape[1]], 0)
+
+    def from_block(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Logits from the residual stream ``x`` entering block ``i`` (``i = len(blocks)``: after the last)."""
+        for j in range(i, len(self.blocks)):
+            x = self.blocks[j](x, last_only=j == len(self.blocks) - 1)
+        return self.unembed(x[:, -1])
+
     def tail(self, mid: torch.Tensor) -> torch.Tensor:
         """Logits from the packed ``[r, h]`` state of the final block (``blocks.<-1>.mid``)."""
         return self.unembed(self.blocks[-1].finish(mid)[:, -1])

@@ -77,11 +77,14 @@ def encode(literals: np.ndarray, sat: np.ndarray) -> np.ndarray:
 
 def balanced_formulas(n: int, seed: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(tokens [n, 42], literals [n, 10, 2])``: ``ceil(n / 2)`` SAT and ``floor(n / 2)`` UNSAT
-    random formulas without syntactic duplicates (and none of the token rows in ``exclude``),
+    random formulas without syntactic duplicates (and none of the formulas in ``exclude``, token
+    rows with or without the label),
     in generation order (SAT and UNSAT interleaved as drawn)."""
     rng = np.random.default_rng(seed)
     want = {True: (n + 1) // 2, False: n // 2}
-    seen: set[bytes] = set() if exclude is None else {r.tobytes() for r in np.asarray(exclude, dtype=np.int64)}
+    seen: set[bytes] = set()
+    if exclude is not None:  # rows of tokens, with or without the label: compared on the formula
+        seen = {np.ascontiguousarray(r[:SEQ_LEN]).tobytes() for r in np.asarray(exclude, dtype=np.int64)}
     got_t: list[np.ndarray] = []
     got_l: list[np.ndarray] = []
     have = {True: 0, False: 0}
