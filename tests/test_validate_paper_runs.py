@@ -45,21 +45,22 @@ def test_modular_addition_packaged_model_reproduces_the_paper(modadd_report):
 
 
 def test_modular_addition_reduced_training_reproduces_the_pattern():
-    # P = 31 instead of 113 (and a smaller model): trains in seconds, the same qualitative outcome
-    model, info = ma.train_modular_addition(31, 0.6, seed=0, d_model=32, d_mlp=128, max_steps=4000,
+    # P = 23 instead of 113, a smaller model, 60% of the pairs for training: it groks in about 2,000
+    # full-batch steps, and the Fourier interpretation shows the paper's pattern
+    model, info = ma.train_modular_addition(23, 0.6, seed=0, d_model=64, d_mlp=256, max_steps=4000,
                                             stop_test_loss=1e-3, progress=False)
-    assert info["metrics"]["test_acc"] == 1.0
-    data = ma.dataset(31, 0.6, 0)
+    assert info["metrics"]["test_acc"] == 1.0 and info["steps"] < 4000
+    data = ma.dataset(23, 0.6, 0)
     rep = ma.run_modular_addition(model, data=data, info=info)
     by = {(r.component, r.axiom, r.equivalence): r for r in rep.rows}
     n = len(data.test)
+    assert 2 <= len(ma.key_frequencies(model, 23)) <= 6
     for ax in ("A1", "A2"):
-        assert by[E[0], ax, "rounded-3"].failures == 0
-        assert by[E[0], ax, "exact"].failures == n and by[E[1], ax, "exact"].failures == n
+        assert by[E[0], ax, "rounded-3"].failures == 0  # rounded: the embedding claim holds
+        assert by[E[0], ax, "exact"].failures == n and by[E[1], ax, "exact"].failures == n  # unrounded: never
+        assert by[E[1], ax, "downstream"].failures < 0.1 * n  # the downstream equivalence mostly holds
     for comp in E:
-        assert by[comp, "A3", "argmax"].failures == 0
-    freqs = rep.results["main"]  # noqa: F841 - the run kept its ValidationResult objects
-    assert 1 <= len(ma.key_frequencies(model, 31)) <= 8
+        assert by[comp, "A3", "argmax"].failures == 0  # the abstract prefix carries what the model needs
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path):
