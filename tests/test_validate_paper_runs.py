@@ -105,7 +105,10 @@ def test_cli_case_study_modular_addition_json_and_text(capsys):
 def test_cli_case_study_bad_arguments(capsys, monkeypatch, tmp_path):
     assert main(["validate", "--case-study", "2sat", "--layer", "x"]) == 2
     assert "no --layer" in capsys.readouterr().err
-    assert main(["validate", "--case-study", "modular-addition", "--samples", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse: --samples must be a whole number >= 1
+        main(["validate", "--case-study", "modular-addition", "--samples", "0"])
+    assert e.value.code == 2
+    assert "--samples" in capsys.readouterr().err
     assert main(["validate", "--case-study", "modular-addition", "--device", "gpu!"]) == 2
     monkeypatch.setattr(ts, "WEIGHTS", tmp_path / "none.safetensors")
     assert main(["validate", "--case-study", "2sat"]) == 3
