@@ -63,6 +63,23 @@ def test_modular_addition_reduced_training_reproduces_the_pattern():
         assert by[comp, "A3", "argmax"].failures == 0  # the abstract prefix carries what the model needs
 
 
+def test_two_sat_pipeline_on_an_untrained_model_builds_the_table_and_warns():
+    # no trained 2-SAT model ships yet: check the whole pipeline (fit, five variants in one pass, the table)
+    # on a small random model, with the invariants that hold for any model
+    torch.manual_seed(0)
+    model = ts.make_model(32, (1, 4), 64).eval()
+    rep = ts.run_two_sat(model, n_fit=400, n_test=300, batch_size=128)
+    assert len(rep.rows) == len(ts.PAPER) and all(r.n == 300 for r in rep.rows)
+    assert {(r.component, r.axiom, r.equivalence) for r in rep.rows} == set(ts.PAPER)
+    unordered, ordered = rep.row(S[0], "A1", "unordered-clauses"), rep.row(S[0], "A1", "exact")
+    assert ordered.failures >= unordered.failures  # requiring the literal order can only fail more
+    assert rep.row(S[0], "A2", "unordered-clauses").failures == unordered.failures  # first stage: A2 is A1
+    for r in rep.rows:
+        assert 0 <= r.failures <= r.n and r.epsilon_paper == ts.PAPER[r.component, r.axiom, r.equivalence]
+    assert "d_model 32, MLP 64" in rep.details["model"] and "untrained" in rep.details["warning"]
+    assert "warning" in str(rep)
+
+
 def test_training_resumes_from_its_checkpoint(tmp_path):
     kw = dict(batch_size=16, d_model=16, d_mlp=32, eval_every=2, n_val=64, target_acc=1.1, progress=False)
     ref, _ = ts.train_two_sat(0, max_steps=4, **kw)
