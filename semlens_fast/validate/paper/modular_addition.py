@@ -398,7 +398,7 @@ def run_modular_addition(
                           .argmax(1).cpu() == data.y[data.test]).float().mean())
     details = {
         "model": f"1-layer transformer, P = {p}, trained on {len(data.train):,} of {p * p:,} pairs"
-                 + (f" ({info['steps']:,} full-batch steps, {info['seconds'] / 60:.0f} min on 1 CPU thread)"
+                 + (f" ({info['steps']:,} full-batch steps, {info['seconds'] / 60:.0f} min wall time, 1 CPU thread)"
                     if info and "steps" in info and "seconds" in info else ""),
         "test accuracy": f"{test_acc:.4%} on {len(data.test):,} test pairs (the paper's test set: {PAPER_N:,})",
         "key frequencies": f"{interp.freqs} (read off the trained embedding; the paper's model: {PAPER_FREQS})",

@@ -467,7 +467,7 @@ def run_two_sat(
     trained = ""
     if info and "steps" in info:
         trained = (f", trained {info['steps']:,} steps of {info.get('batch_size', '?')} fresh formulas "
-                   f"({info.get('formulas_seen', 0):,} formulas, {info.get('seconds', 0) / 3600:.1f} h on 1 CPU thread)")
+                   f"({info.get('formulas_seen', 0):,} formulas, {info.get('seconds', 0) / 3600:.1f} h wall time, 1 CPU thread)")
     details = {
         "model": f"{len(model.blocks)}-layer transformer, heads {tuple(model.config['n_heads'])}, d_model "
                  f"{model.config['d_model']}, MLP {model.config['d_mlp']}, no LayerNorm{trained}",
