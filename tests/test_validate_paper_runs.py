@@ -45,8 +45,10 @@ def test_modular_addition_packaged_model_reproduces_the_paper(modadd_report):
 
 
 def test_modular_addition_reduced_training_reproduces_the_pattern():
-    # P = 23 instead of 113, a smaller model, 60% of the pairs for training: it groks in about 2,000
-    # full-batch steps, and the Fourier interpretation shows the paper's pattern
+    # P = 23 instead of 113, a smaller model, 60% of the pairs for training: seed 0 groks in 2,100
+    # full-batch steps, and the Fourier interpretation shows the paper's pattern. At this size grokking
+    # is seed-dependent: of seeds 0-4 only seed 0 is right on every test pair within 4,000 steps
+    # (scripts/measure_paper_case_studies.py --p 23 ...; see docs/validate.md), so this pins seed 0
     model, info = ma.train_modular_addition(23, 0.6, seed=0, d_model=64, d_mlp=256, max_steps=4000,
                                             stop_test_loss=1e-3, progress=False)
     assert info["metrics"]["test_acc"] == 1.0 and info["steps"] < 4000
