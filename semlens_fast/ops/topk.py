@@ -170,6 +170,30 @@ def negative_ids_error(sample_ids: torch.Tensor) -> ArgumentError:
     return ArgumentError(f"sample_ids must be >= 0 (-1 marks empty slots); negative at batch rows {bad}")
 
 
+def duplicate_ids_error(sample_ids: torch.Tensor) -> ArgumentError:
+    s, order = torch.sort(sample_ids.cpu())
+    dup = torch.nonzero(s[1:] == s[:-1]).flatten()
+    vals = torch.unique(s[1:][dup])
+    first = int(vals[0]) if vals.numel() else None
+    rows = torch.nonzero(sample_ids.cpu() == first).flatten()[:5].tolist() if first is not None else []
+    return ArgumentError(
+        f"sample_ids must be distinct (one id per sample, unique over the whole stream); "
+        f"{vals.numel()} id(s) occur more than once in this batch, e.g. {first} at batch rows {rows}"
+    )
+
+
+def check_batch_ids(sample_ids: torch.Tensor) -> None:
+    """Sample ids of one batch are >= 0 and distinct (torch backends; the C++ kernel checks itself)."""
+    if sample_ids.numel() == 0:
+        return
+    if bool((sample_ids < 0).any()):
+        raise negative_ids_error(sample_ids)
+    if sample_ids.numel() > 1 and not bool((sample_ids[1:] > sample_ids[:-1]).all()):
+        s = torch.sort(sample_ids).values
+        if bool((s[1:] == s[:-1]).any()):
+            raise duplicate_ids_error(sample_ids)
+
+
 def _check_acts(x: object, name: str, state: TopKState) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -236,10 +260,13 @@ def topk_update(state: TopKState, acts: torch.Tensor, sample_ids: torch.Tensor) 
 
 def _run(state: TopKState, view: torch.Tensor, ids: torch.Tensor, pool: str, track: bool) -> None:
     name = _backend.choose(state.device)
-    if name != "cpu" and bool((ids < 0).any()):  # the C++ kernel checks this itself
+    if name != "cpu":  # the C++ kernel checks the ids itself (returns a code)
+        check_batch_ids(ids)
+    rc = _backend.module(name).pool_topk_update(state, view, ids, pool, track)
+    if rc is False or rc == 1:
         raise negative_ids_error(ids)
-    if _backend.module(name).pool_topk_update(state, view, ids, pool, track) is False:
-        raise negative_ids_error(ids)
+    if rc == 2:
+        raise duplicate_ids_error(ids)
 
 
 def pool_topk_update(
