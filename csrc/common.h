@@ -105,6 +105,15 @@ struct Cand {
     int64_t id;
 };
 
+// The comparator lives in an anonymous namespace: every translation unit (each compiled
+// for its own SIMD target) instantiates std::sort with its own type, so no instantiation
+// compiled for AVX-512 can be shared with the scalar path by the linker.
+namespace {
+struct CandBetter {
+    bool operator()(const Cand& x, const Cand& y) const { return better(x.v, x.id, y.v, y.id); }
+};
+}  // namespace
+
 // Merge the m candidates S (any order; sorted in place) into one channel's sorted top-k
 // list (vals, ids, pos; pos may be nullptr) in one pass, the same result as m calls of
 // insert_entry in O(k + m log m): entries above the first position a candidate beats stay

@@ -25,6 +25,10 @@ _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # 8 queries 106 ms fp32 / 77 ms bf16 storage vs 145 / 107 ms on int16).
 INT16_MIN_QUERIES = 9
 MAX_CANDIDATES = 1 << 14  # beyond this, a query is resolved by an exact scan
+# From this many candidates per query on, the candidate pass buffers each query's
+# candidates and merges them into its sorted list in one pass (one insertion moves up to
+# K entries): see benchmarks/NOTES.md ("large k")
+MERGE_MIN_K = 256
 SCAN_CHUNK = 1 << 16
 
 
@@ -64,11 +68,12 @@ def candidates(qhat: torch.Tensor, db: torch.Tensor, K: int, exclude: torch.Tens
         vals.data_ptr(), ids.data_ptr(),
         exclude.data_ptr() if exclude is not None else 0, exclude.shape[1] if exclude is not None else 0,
         bad.data_ptr(), bad.numel(), _backend.num_threads(), q16.data_ptr() if q16 is not None else 0,
+        MERGE_MIN_K,
     )
-    if n_bad:
+    if n_bad:  # rows holding NaN/inf (any finite magnitude is handled by the kernel)
         raise_nonfinite(db, "db", nonfinite_rows(db))
         rows = torch.unique(bad[: min(n_bad, bad.numel())]).tolist()
-        raise ArgumentError(f"db rows {rows[:10]} have a squared norm that overflows float32 (values beyond ~1e19)")
+        raise ArgumentError(f"db rows {rows[:10]} hold NaN or infinite values")
     return vals, ids, (int16_error_bound(d) if q16 is not None else approx_error_bound(d))
 
 
