@@ -4,10 +4,13 @@ Rows are stored unit-normalised (float64 normalisation, then one rounding to the
 storage dtype: float32, float16 or bfloat16); zero vectors are kept as zeros
 (similarity 0 with everything). Each row maps back to ``(layer, neuron)``.
 
-Search is :func:`semlens_fast.ops.cosine_topk` over the storage, chunk by chunk
-(``chunk_rows`` rows at a time), merging the chunks' exact top-k lists; so an index
-memory-mapped from disk can be larger than RAM: only the chunk being scanned has to
-be resident, and its pages are clean and can be dropped by the OS afterwards.
+Search is :func:`semlens_fast.ops.cosine_topk` over the storage, chunk by chunk,
+merging the chunks' exact top-k lists; so an index memory-mapped from disk can be
+larger than RAM: only the chunk being scanned (and rescored) has to be resident, and
+its pages are clean and can be dropped by the OS afterwards. By default a chunk holds
+a quarter of the memory available when the search starts (``MemAvailable``, and the
+cgroup memory limit when there is one), between 64 MiB and 4 GiB; ``chunk_rows`` fixes
+the number of rows instead.
 Scores are the exact cosines of the *stored* vectors (see
 :mod:`semlens_fast.ops.similarity`); with float16/bfloat16 storage, the recall@k of
 the stored index against float32 exact search is >= 0.99 on random unit vectors and
@@ -71,16 +74,17 @@ class EmbeddingIndex:
     Args:
         dim: vector dimension.
         dtype: storage dtype (``torch.float32`` default, ``torch.float16``, ``torch.bfloat16``).
-        chunk_rows: rows scanned per search step (bounds resident memory of mapped indexes).
+        chunk_rows: rows scanned per search step (bounds resident memory of mapped indexes);
+            ``None`` (default): sized from the available memory (see the module docstring).
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, *, chunk_rows: int = 1 << 20):
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, *, chunk_rows: int | None = None):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ArgumentError(f"dim must be an int >= 1, got {dim!r}")
         if dtype not in STORAGE_DTYPES:
             raise DTypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ArgumentError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise ArgumentError(f"chunk_rows must be an int >= 1 or None (sized from the available memory), got {chunk_rows!r}")
         self.dim = dim
         self.dtype = dtype
         self.chunk_rows = chunk_rows
@@ -94,7 +98,7 @@ class EmbeddingIndex:
     @classmethod
     def from_tensors(
         cls, vectors: torch.Tensor, dtype: torch.dtype = torch.float32, *, layer: str | None = None,
-        neurons: torch.Tensor | Sequence[int] | None = None, chunk_rows: int = 1 << 20,
+        neurons: torch.Tensor | Sequence[int] | None = None, chunk_rows: int | None = None,
     ) -> "EmbeddingIndex":
         """An index over the rows of ``vectors [N, d]`` (copied, normalised)."""
         vectors = _as_matrix(vectors, "vectors")
@@ -158,11 +162,20 @@ class EmbeddingIndex:
             return torch.empty((0, self.dim), dtype=self.dtype)
         return self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
 
-    def _chunks(self) -> Iterable[tuple[int, torch.Tensor]]:
+    def search_chunk_rows(self) -> int:
+        """Rows per search step: ``chunk_rows``, or (None) a quarter of the memory available
+        now (:func:`available_memory`), between ``CHUNK_MIN_BYTES`` and ``CHUNK_MAX_BYTES``."""
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        budget = min(CHUNK_MAX_BYTES, max(CHUNK_MIN_BYTES, available_memory() // 4))
+        return max(1, budget // (self.dim * _itemsize(self.dtype)))
+
+    def _chunks(self, rows: int | None = None) -> Iterable[tuple[int, torch.Tensor]]:
+        rows = rows if rows is not None else (self.chunk_rows or 1 << 20)
         offset = 0
         for part in self._parts:
-            for r0 in range(0, part.shape[0], self.chunk_rows):
-                yield offset + r0, part[r0 : r0 + self.chunk_rows]
+            for r0 in range(0, part.shape[0], rows):
+                yield offset + r0, part[r0 : r0 + rows]
             offset += part.shape[0]
 
     def search(self, queries: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None):
@@ -180,7 +193,7 @@ class EmbeddingIndex:
         exclude = _check_exclude(exclude, Q, len(self), queries.device)
         best_s = torch.full((Q, k), float("-inf"))
         best_i = torch.full((Q, k), -1, dtype=torch.int64)
-        for offset, chunk in self._chunks():
+        for offset, chunk in self._chunks(self.search_chunk_rows()):
             ex = None
             if exclude is not None:
                 local = exclude - offset
@@ -275,7 +288,7 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = False,
-             chunk_rows: int = 1 << 20) -> "EmbeddingIndex":
+             chunk_rows: int | None = None) -> "EmbeddingIndex":
         """Open an index saved by :meth:`save`.
 
         ``mmap=True`` maps the vectors (nothing is read until searched; indexes larger
@@ -345,6 +358,55 @@ class EmbeddingIndex:
 
     def __repr__(self) -> str:
         return f"EmbeddingIndex(rows={len(self)}, dim={self.dim}, dtype={_dtype_name(self.dtype)}, layers={len(self.layers)})"
+
+
+CHUNK_MIN_BYTES = 64 << 20
+CHUNK_MAX_BYTES = 4 << 30
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read(64).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2, no limit) -> None
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may still use: ``MemAvailable`` of /proc/meminfo, or
+    less when a cgroup memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)
+    leaves less room; 4 GiB if neither can be read (not Linux)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        avail = None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is None or limit >= 1 << 60:  # no limit
+            continue
+        # page cache (mapped index files included) counts against the limit but is
+        # reclaimable: the room is the limit less this process's anonymous memory
+        room = limit - _anonymous_bytes()
+        avail = room if avail is None else min(avail, room)
+        break
+    return max(0, avail) if avail is not None else 4 << 30
+
+
+def _anonymous_bytes() -> int:
+    """Resident memory of this process not backed by files (statm: resident - shared)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            f = fh.read().split()
+        return max(0, int(f[1]) - int(f[2])) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _itemsize(dt: torch.dtype) -> int:

@@ -46,6 +46,10 @@ from . import _backend
 
 SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 2**62
+# Working memory of one search (CPU backend) beyond its inputs and its [Q, k] result: the
+# queries are processed in blocks that fit (see ops/cpu/similarity.py, query_block), and
+# the exact-scan fallback of certified_topk in sub-blocks of queries that fit.
+WORK_BYTES = 64 << 20
 
 
 def approx_error_bound(d: int) -> float:
@@ -89,8 +93,15 @@ def _check_k(k: object) -> int:
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows of ``x [n, d]`` holding NaN or +-inf (ascending)."""
-    return torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().cpu()
+    """Indices of the rows of ``x [n, d]`` holding NaN or +-inf (ascending).
+
+    Works in row blocks of about 2^20 elements (a 1-byte mask per element of a block)."""
+    step = max(1, (1 << 20) // max(1, x.shape[1])) if x.dim() == 2 else max(1, x.shape[0])
+    if x.shape[0] <= step:
+        return torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().cpu()
+    parts = [torch.nonzero(~torch.isfinite(x[r0 : r0 + step]).all(dim=1)).flatten().cpu() + r0
+             for r0 in range(0, x.shape[0], step)]
+    return torch.cat(parts)
 
 
 def raise_nonfinite(x: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> None:
@@ -162,17 +173,24 @@ def certified_topk(queries, db, k, exclude, candidates, rescore, unit_queries, *
         qr = q32[pending].contiguous() if sub else q32
         ex = exclude[pending].contiguous() if (sub and exclude is not None) else exclude
         if K > max_candidates and K < N:  # heavy ties: exact scan of these queries
-            best_s = torch.full((qr.shape[0], 0), float("-inf"), device=dev)
-            best_i = torch.full((qr.shape[0], 0), -1, dtype=torch.int64, device=dev)
-            for n0 in range(0, N, scan_chunk):
-                ids = torch.arange(n0, min(N, n0 + scan_chunk), device=dev).unsqueeze(0).expand(qr.shape[0], -1)
-                if ex is not None:
-                    hit = (ids.unsqueeze(2) == ex.unsqueeze(1)).any(dim=2)
-                    ids = torch.where(hit, torch.full_like(ids, -1), ids)
-                ids = ids.contiguous()
-                best_s, best_i = select(torch.cat([best_s, rescore(qr, db, ids)], 1), torch.cat([best_i, ids], 1), k)
-            s, i = select(best_s, best_i, k)
-            out_s[pending], out_i[pending] = s, i
+            # in sub-blocks of queries whose [rows, k + scan_chunk] temporaries (scores,
+            # ids, the sorts of select: ~64 bytes an entry, + m for the exclusions) fit
+            # in WORK_BYTES
+            step = max(1, WORK_BYTES // ((64 + (ex.shape[1] if ex is not None else 0)) * (k + scan_chunk)))
+            for p0 in range(0, qr.shape[0], step):
+                qs = qr[p0 : p0 + step]
+                es = ex[p0 : p0 + step] if ex is not None else None
+                best_s = torch.full((qs.shape[0], 0), float("-inf"), device=dev)
+                best_i = torch.full((qs.shape[0], 0), -1, dtype=torch.int64, device=dev)
+                for n0 in range(0, N, scan_chunk):
+                    ids = torch.arange(n0, min(N, n0 + scan_chunk), device=dev).unsqueeze(0).expand(qs.shape[0], -1)
+                    if es is not None:
+                        hit = (ids.unsqueeze(2) == es.unsqueeze(1)).any(dim=2)
+                        ids = torch.where(hit, torch.full_like(ids, -1), ids)
+                    ids = ids.contiguous()
+                    best_s, best_i = select(torch.cat([best_s, rescore(qs, db, ids)], 1), torch.cat([best_i, ids], 1), k)
+                s, i = select(best_s, best_i, k)
+                out_s[pending[p0 : p0 + step]], out_i[pending[p0 : p0 + step]] = s, i
             break
         res = candidates(qh, db, K, ex)
         approx, cand = res[0], res[1]
