@@ -47,6 +47,7 @@ from ._io import atomic_write, read_json, read_tensors, write_json, write_tensor
 from ._version import __version__
 from .errors import ArgumentError, DTypeError, ShapeError, StoreError
 from .ops.reference.similarity import select
+from .ops._validate import available_memory
 from .ops.similarity import _check_exclude, cosine_topk, raise_nonfinite
 
 FORMAT = "semlens_fast.EmbeddingIndex"
@@ -362,51 +363,6 @@ class EmbeddingIndex:
 
 CHUNK_MIN_BYTES = 64 << 20
 CHUNK_MAX_BYTES = 4 << 30
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as fh:
-            text = fh.read(64).strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max" (cgroup v2, no limit) -> None
-
-
-def available_memory() -> int:
-    """Bytes of memory this process may still use: ``MemAvailable`` of /proc/meminfo, or
-    less when a cgroup memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)
-    leaves less room; 4 GiB if neither can be read (not Linux)."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        avail = None
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit = _read_int(limit_file)
-        if limit is None or limit >= 1 << 60:  # no limit
-            continue
-        # page cache (mapped index files included) counts against the limit but is
-        # reclaimable: the room is the limit less this process's anonymous memory
-        room = limit - _anonymous_bytes()
-        avail = room if avail is None else min(avail, room)
-        break
-    return max(0, avail) if avail is not None else 4 << 30
-
-
-def _anonymous_bytes() -> int:
-    """Resident memory of this process not backed by files (statm: resident - shared)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            f = fh.read().split()
-        return max(0, int(f[1]) - int(f[2])) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _itemsize(dt: torch.dtype) -> int:

@@ -43,6 +43,7 @@ import torch
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from . import _backend
+from ._validate import check_result_size, check_tensor_device
 
 SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 2**62
@@ -83,6 +84,7 @@ def _check_matrix(x: object, name: str) -> torch.Tensor:
         raise DTypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 2:
         raise ShapeError(f"{name} must be a 2-D tensor [rows, d], got shape {tuple(x.shape)}")
+    check_tensor_device(x, name)
     return x
 
 
@@ -136,6 +138,10 @@ def _check_exclude(exclude: object, Q: int, N: int, device: torch.device) -> tor
     exclude = exclude.to(torch.int64).contiguous()
     if exclude.numel() and int(exclude.min()) < -1:
         raise ArgumentError(f"exclude holds row ids >= 0 or -1 (no exclusion), got minimum {int(exclude.min())}")
+    if exclude.numel() and int(exclude.max()) >= N:
+        raise ArgumentError(
+            f"exclude holds row id {int(exclude.max())} but there are {N} rows (ids 0..{N - 1}; -1 = no exclusion)"
+        )
     if exclude.shape[1] == 0:
         return None
     return exclude
@@ -249,6 +255,7 @@ def cosine_topk(
         raise DeviceError(f"queries are on {queries.device} but db is on {db.device}")
     Q, N = queries.shape[0], db.shape[0]
     exclude = _check_exclude(exclude, Q, N, queries.device)
+    check_result_size(Q, k, 12, "a result")
     raise_nonfinite(queries, "queries")
     if Q == 0 or N == 0:
         return empty_result(Q, k, queries.device)
@@ -272,8 +279,9 @@ def pairwise_topk(
     if a.shape[1] != b.shape[1]:
         raise ShapeError(f"a has dimension {a.shape[1]} (shape {tuple(a.shape)}) but b has {b.shape[1]} (shape {tuple(b.shape)})")
     exclude = None
-    if exclude_diagonal:
+    if exclude_diagonal:  # pair (i, i); rows i of a with no row i in b exclude nothing (-1)
         exclude = torch.arange(a.shape[0], dtype=torch.int64, device=a.device)
+        exclude = torch.where(exclude < b.shape[0], exclude, torch.full_like(exclude, -1))
     try:
         return cosine_topk(a, b, k, exclude=exclude)
     except ArgumentError as exc:  # name the arguments of this function

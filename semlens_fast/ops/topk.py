@@ -40,6 +40,7 @@ import torch
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from . import _backend
+from ._validate import check_disjoint, check_result_size, check_state_entries, check_tensor_device, parse_device
 
 Pool = Literal["max", "mean", "absmax", "sum"]
 POOLS: tuple[str, ...] = ("max", "mean", "absmax", "sum")
@@ -73,7 +74,8 @@ class TopKState:
             raise ArgumentError(f"channels must be an int >= 0, got {channels!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ArgumentError(f"k must be an int >= 1, got {k!r}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = parse_device(device, "device")
+        check_result_size(channels, k, 16, "a state")
         return cls(
             values=torch.full((channels, k), float("-inf"), dtype=torch.float32, device=dev),
             ids=torch.full((channels, k), -1, dtype=torch.int64, device=dev),
@@ -101,6 +103,7 @@ class TopKState:
         return TopKState(self.values.clone(), self.ids.clone(), self.positions.clone(), self.nan_counts.clone())
 
     def to(self, device: torch.device | str) -> "TopKState":
+        device = parse_device(device, "device")
         return TopKState(
             self.values.to(device), self.ids.to(device), self.positions.to(device), self.nan_counts.to(device)
         )
@@ -144,6 +147,7 @@ def _validate_state(state: TopKState, name: str) -> None:
         raise DeviceError(f"{name}.nan_counts must be contiguous and on {v.device}")
     if v.shape[1] < 1:
         raise ShapeError(f"{name} must have k >= 1 slots per channel, got shape {tuple(v.shape)}")
+    check_tensor_device(v, f"{name}.values")
 
 
 def _check_ids(sample_ids: object, batch: int, device: torch.device) -> torch.Tensor:
@@ -299,7 +303,10 @@ def merge_topk(a: TopKState, b: TopKState) -> TopKState:
 
     The two states must come from disjoint sets of samples (shards of a dataset, or a
     run and its resumption on the remaining data); NaN counts add up. Neither input is
-    modified.
+    modified. Both states are checked first (O(C k log k)): sorted best first, no NaN
+    values, ids >= 0 or -1 for empty slots, no sample id twice in a channel, and no
+    channel holding the same sample id in both states; any violation raises
+    :class:`~semlens_fast.errors.ArgumentError`.
     """
     check_state(a, "a")
     check_state(b, "b")
@@ -308,9 +315,8 @@ def merge_topk(a: TopKState, b: TopKState) -> TopKState:
     if a.device != b.device:
         raise DeviceError(f"a is on {a.device} but b is on {b.device}")
     for name, s in (("a", a), ("b", b)):
-        v = s.values
-        if v.shape[1] > 1 and bool((v[:, 1:] > v[:, :-1]).any()):
-            raise ArgumentError(f"{name} is not sorted best first: build states with TopKState.empty and these ops")
+        check_state_entries(s.values, s.ids, s.positions, s.nan_counts, name)
+    check_disjoint(a.ids, b.ids, "a", "b")
     out = a.clone()
     _backend_module(a.device).merge_topk(out, b)
     return out
