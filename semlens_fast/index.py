@@ -47,7 +47,7 @@ from ._io import atomic_write, read_json, read_tensors, write_json, write_tensor
 from ._version import __version__
 from .errors import ArgumentError, DTypeError, ShapeError, StoreError
 from .ops.reference.similarity import select
-from .ops._validate import available_memory
+from .ops._validate import available_memory, check_result_size, check_tensor_device
 from .ops.similarity import _check_exclude, cosine_topk, raise_nonfinite
 
 FORMAT = "semlens_fast.EmbeddingIndex"
@@ -184,16 +184,25 @@ class EmbeddingIndex:
 
         Same semantics as :func:`semlens_fast.ops.cosine_topk` on the stored vectors
         (ties: lower row id; ``-1``/``-inf`` padding; ``exclude`` row ids per query).
+        float64 queries are rounded to float32 first (the scores are defined on float32
+        values).
         """
         queries = _as_matrix(queries, "queries")
+        check_tensor_device(queries, "queries")
+        if queries.dtype == torch.float64:
+            queries = queries.float()
         if queries.shape[1] != self.dim:
             raise ShapeError(f"queries have dimension {queries.shape[1]} (shape {tuple(queries.shape)}), the index has {self.dim}")
         Q = queries.shape[0]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ArgumentError(f"k must be an int >= 1, got {k!r}")
         exclude = _check_exclude(exclude, Q, len(self), queries.device)
+        check_result_size(Q, k, 24, "a search result")  # k far beyond the rows: an error, not an allocator failure
         best_s = torch.full((Q, k), float("-inf"))
         best_i = torch.full((Q, k), -1, dtype=torch.int64)
+        if Q == 0:
+            cosine_topk(queries, torch.empty((0, self.dim)), k, exclude=exclude)  # validates the arguments
+            return best_s, best_i
         for offset, chunk in self._chunks(self.search_chunk_rows()):
             ex = None
             if exclude is not None:
