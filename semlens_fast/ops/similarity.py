@@ -3,7 +3,13 @@
 :func:`cosine_topk` compares ``Q`` queries with ``N`` database rows and returns, per
 query, the ``k`` most similar rows; :func:`pairwise_topk` / :func:`pairwise_max` do the
 same for two sets of vectors (model comparison, redundancy). The ``Q x N`` score
-matrix is never materialised: memory is ``O((Q + N) * k)`` whatever the backend.
+matrix is never materialised. Memory beyond the inputs (which are not copied when
+float32/fp16/bf16 with unit-stride rows) on the CPU backend: the ``[Q, k]`` result
+(12 bytes an entry), at most :data:`WORK_BYTES` (64 MiB) of working memory (queries are
+processed in blocks that fit, see ``ops/cpu/similarity.py``), and per thread a row block
+of at most 128 KiB plus its candidate lists (12 bytes an entry, ``k + max(16, k/4)``
+entries per query of a block); a single query whose need exceeds ``WORK_BYTES`` (huge k)
+is still processed.
 
 **The score** of a query ``q`` and a row ``x`` (both as float32 values; fp16/bf16
 inputs convert exactly) is their cosine similarity, computed in float64 with every
@@ -24,9 +30,17 @@ scores and identical ids. Inputs need not be normalised.
 the lower row id comes first. When fewer than ``k`` rows are eligible (``k > N`` or
 exclusions), the missing entries are ``id = -1`` with ``score = -inf``.
 
+**Magnitudes:** any finite float32 values are exact, from denormals to ~3.4e38, with
+rows (or components within a row) at very different scales: the reference's float64
+arithmetic represents every float32 square and product, and the fast backends' float32
+passes rescore a row whose float32 squared norm would underflow or overflow from a
+power-of-two rescaled copy (cosines are scale-invariant).
+
 **Bad input:** NaN or infinite values in a query or a database row raise
 :class:`~semlens_fast.errors.ArgumentError` naming the rows; so do mismatched
-dimensions, ``k <= 0`` and unsupported dtypes (float32, float16, bfloat16 are
+dimensions, ``k <= 0`` (or a k whose result would not fit in memory), exclusions
+outside ``-1 .. N-1``, tensors on devices the ops do not run on (meta, mps, a CUDA
+device that is not there) and unsupported dtypes (float32, float16, bfloat16 are
 accepted).
 
 How the fast backends stay exact: a float32 candidate pass (a fused, blocked matrix
@@ -269,8 +283,10 @@ def pairwise_topk(
 
     Returns ``(scores [N, k] float32, ids [N, k] int64)`` into ``b``; same semantics as
     :func:`cosine_topk`. ``exclude_diagonal=True`` drops the pair ``(i, i)`` (use it when
-    ``a`` and ``b`` are the same set, e.g. redundancy within a layer). Memory is
-    ``O((N + M) * k)``: the ``N x M`` similarity matrix is never materialised.
+    ``a`` and ``b`` are the same set, e.g. redundancy within a layer; rows ``i >= M``
+    of ``a`` then exclude nothing). The ``N x M`` similarity matrix is never
+    materialised; memory as for :func:`cosine_topk` (the ``[N, k]`` result plus at most
+    ``WORK_BYTES`` and the per-thread row blocks).
     """
     a = _check_matrix(a, "a")
     b = _check_matrix(b, "b")

@@ -29,6 +29,11 @@ Positions are flattened spatial indices ``h * W + w`` for ``[B, C, H, W]`` maps 
 token indices for ``[B, T, C]`` activations; they are recorded for ``max`` and
 ``absmax`` and are ``-1`` otherwise (and for :func:`topk_update`).
 
+Sample ids are ``>= 0`` and unique over the whole stream: ids that are negative or occur
+twice within one batch are refused (:class:`~semlens_fast.errors.ArgumentError`, the
+state untouched); an id repeated across batches cannot be detected cheaply and is the
+caller's contract. :func:`merge_topk` checks both states fully (see there).
+
 Backends (see :mod:`semlens_fast.ops._backend`): torch reference, C++ CPU, Triton CUDA.
 """
 from __future__ import annotations
@@ -246,10 +251,12 @@ def _backend_module(device: torch.device):
 def topk_update(state: TopKState, acts: torch.Tensor, sample_ids: torch.Tensor) -> TopKState:
     """Merge per-sample activations ``acts [B, C]`` into ``state`` in place and return it.
 
-    ``sample_ids [B]`` are the samples' ids (>= 0, unique across the whole stream).
-    Positions of new entries are -1. NaN activations are skipped and counted in
-    ``state.nan_counts``. Cost: one read of ``acts``; no copy unless ``acts`` has a
-    channel stride other than 1 and a sample stride other than 1.
+    ``sample_ids [B]`` are the samples' ids (>= 0, unique across the whole stream;
+    negative or repeated ids within the batch raise ArgumentError). Positions of new
+    entries are -1. NaN activations are skipped and counted in ``state.nan_counts``.
+    Cost: one read of ``acts``; no copy unless ``acts`` has a channel stride other than 1
+    and a sample stride other than 1. At large k (C++ backend, k >= 256) candidates are
+    merged per channel in one pass per batch instead of one insertion each.
     """
     check_state(state)
     acts = _check_acts(acts, "acts", state)

@@ -97,12 +97,13 @@ def rescore(q32: torch.Tensor, db: torch.Tensor, cand: torch.Tensor) -> torch.Te
 
 def query_block(Q: int, d: int, k: int, nthreads: int, work_bytes: int) -> int:
     """Queries per call of the certified search so that its working memory stays within
-    ``work_bytes`` (at least one query): per query about 24 d bytes (float32 and float64
-    copies, int16 and int8 forms) and ``(96 + 14 nthreads)`` bytes per candidate (the
+    ``work_bytes`` (at least one query): per query at most 12 d bytes at once (the
+    float64 copy of the unit query with its float32 rounding; later the float32, int16 and
+    padded int16 forms) and ``(96 + 14 nthreads)`` bytes per candidate (the
     per-thread candidate lists and, at large K, pending buffers of at most K / 8 entries of
     16 bytes; the rescored scores and the sorts of the selection)."""
     extra = max(16, k // 4)
-    per_query = 24 * d + (96 + 14 * nthreads) * (k + extra)
+    per_query = 12 * d + (96 + 14 * nthreads) * (k + extra)
     return max(1, min(Q, work_bytes // per_query))
 
 
