@@ -2,11 +2,13 @@
 // The Python side (semlens_fast/ops/cpu/topk.py) validates every argument and passes
 // raw pointers; the GIL is released while the kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -66,19 +68,106 @@ static void merge_states(float* va, int64_t* ia, int32_t* pa, int64_t* na,
 
 // Sample ids of one batch: 0 if all are >= 0 and distinct, 1 if one is negative, 2 if
 // one occurs twice. Increasing ids (the usual arange of a stream) cost one pass; other
-// orders a sorted copy (B log B, small next to the B x C activations).
+// orders a bitmap over their range when it is small (shuffled loaders: a permutation of
+// a block, or indices into a data set of up to 2^22 samples), else a sorted copy
+// (B log B); all small next to the B x C activations.
 static int check_sample_ids(const int64_t* sid, int64_t B) {
     bool increasing = true;
+    int64_t lo = B > 0 ? sid[0] : 0, hi = lo;
     for (int64_t b = 0; b < B; ++b) {
         if (sid[b] < 0) return 1;
         if (b > 0 && sid[b] <= sid[b - 1]) increasing = false;
+        lo = std::min(lo, sid[b]);
+        hi = std::max(hi, sid[b]);
     }
     if (increasing) return 0;
+    const uint64_t range = static_cast<uint64_t>(hi - lo) + 1;
+    if (range <= (uint64_t{1} << 22) && range <= static_cast<uint64_t>(B) * 4096) {
+        std::vector<uint64_t> seen(range / 64 + 1, 0);
+        for (int64_t b = 0; b < B; ++b) {
+            const uint64_t j = static_cast<uint64_t>(sid[b] - lo);
+            const uint64_t bit = uint64_t{1} << (j & 63);
+            if (seen[j >> 6] & bit) return 2;
+            seen[j >> 6] |= bit;
+        }
+        return 0;
+    }
     std::vector<int64_t> s(sid, sid + B);
     std::sort(s.begin(), s.end());
     for (int64_t b = 1; b < B; ++b)
         if (s[b] == s[b - 1]) return 2;
     return 0;
+}
+
+// Checks of two top-k states before merge_topk (see ops/_validate.py, which formats the
+// errors and has the same checks in torch for other devices). For every check j of
+// state s (s = 0: a, 1: b) first[s * NCHECK + j] receives the lowest channel failing it
+// (C if none); the overlap check (a sample id in both states) goes to first[2 * NCHECK]
+// with its smallest id in that channel in *overlap_id and the number of such channels in
+// *overlap_channels. O(C k log k), parallel over channels.
+enum StateCheck : int {
+    CHK_NAN = 0, CHK_ID = 1, CHK_EMPTY = 2, CHK_POS = 3, CHK_NANCOUNT = 4, CHK_ORDER = 5, CHK_DUP = 6, NCHECK = 7
+};
+
+static void check_states(const float* const* v, const int64_t* const* ids, const int32_t* const* pos,
+                         const int64_t* const* nan, int64_t C, int64_t k, int nthreads, int64_t* first,
+                         int64_t* overlap_id, int64_t* overlap_channels) {
+    constexpr int NF = 2 * NCHECK + 1;
+    for (int j = 0; j < NF; ++j) first[j] = C;
+    *overlap_id = -1;
+    int64_t n_overlap = 0;
+    const int nt = (C * k < (1 << 14)) ? 1 : nthreads;
+#pragma omp parallel num_threads(nt) reduction(+ : n_overlap)
+    {
+        int64_t mine[NF];
+        for (int j = 0; j < NF; ++j) mine[j] = C;
+        int64_t my_id = -1;  // smallest shared id in channel mine[2 * NCHECK]
+        std::vector<int64_t> srt[2] = {std::vector<int64_t>(static_cast<size_t>(k)), std::vector<int64_t>(static_cast<size_t>(k))};
+        int64_t nvalid[2];
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; ++c) {
+            for (int s = 0; s < 2; ++s) {
+                const float* vr = v[s] + c * k;
+                const int64_t* ir = ids[s] + c * k;
+                const int32_t* pr = pos[s] + c * k;
+                int64_t* m = mine + s * NCHECK;
+                bool f[NCHECK] = {false, false, false, false, nan[s][c] < 0, false, false};
+                int64_t n = 0;
+                for (int64_t j = 0; j < k; ++j) {
+                    const float x = vr[j];
+                    const int64_t id = ir[j];
+                    f[CHK_NAN] |= x != x;
+                    f[CHK_ID] |= id < -1;
+                    f[CHK_EMPTY] |= id == -1 && (x != -std::numeric_limits<float>::infinity() || pr[j] != -1);
+                    f[CHK_POS] |= pr[j] < -1;
+                    if (j > 0 && !(ir[j - 1] == -1 && id == -1) && !better(vr[j - 1], ir[j - 1], x, id)) f[CHK_ORDER] = true;
+                    if (id >= 0) srt[s][n++] = id;
+                }
+                std::sort(srt[s].begin(), srt[s].begin() + n);
+                for (int64_t j = 1; j < n && !f[CHK_DUP]; ++j) f[CHK_DUP] = srt[s][j] == srt[s][j - 1];
+                nvalid[s] = n;
+                for (int j = 0; j < NCHECK; ++j)
+                    if (f[j] && c < m[j]) m[j] = c;
+            }
+            // a sample id in both states: walk the two sorted id lists
+            int64_t x = 0, y = 0, shared = -1;
+            while (x < nvalid[0] && y < nvalid[1]) {
+                const int64_t p = srt[0][x], q = srt[1][y];
+                if (p == q) { shared = p; break; }
+                if (p < q) ++x; else ++y;
+            }
+            if (shared >= 0) {
+                ++n_overlap;
+                if (c < mine[2 * NCHECK]) { mine[2 * NCHECK] = c; my_id = shared; }
+            }
+        }
+#pragma omp critical(slf_check_states)
+        {
+            for (int j = 0; j < 2 * NCHECK; ++j) first[j] = std::min(first[j], mine[j]);
+            if (mine[2 * NCHECK] < first[2 * NCHECK]) { first[2 * NCHECK] = mine[2 * NCHECK]; *overlap_id = my_id; }
+        }
+    }
+    *overlap_channels = n_overlap;
 }
 
 }  // namespace slf
@@ -105,6 +194,25 @@ void register_topk(py::module_& m) {
         "Fused pooling + top-k merge on raw pointers (validated by the Python wrapper). Returns 0, or "
         "(state untouched) 1 if a sample id is negative, 2 if one occurs twice in the batch. "
         "merge_k: from this k on candidates are merged in batches (<= 0: never).");
+    m.def(
+        "check_merge_states",
+        [](uintptr_t va, uintptr_t ia, uintptr_t pa, uintptr_t na, uintptr_t vb, uintptr_t ib, uintptr_t pb,
+           uintptr_t nb, int64_t C, int64_t k, int nthreads) {
+            const float* v[2] = {reinterpret_cast<const float*>(va), reinterpret_cast<const float*>(vb)};
+            const int64_t* i[2] = {reinterpret_cast<const int64_t*>(ia), reinterpret_cast<const int64_t*>(ib)};
+            const int32_t* p[2] = {reinterpret_cast<const int32_t*>(pa), reinterpret_cast<const int32_t*>(pb)};
+            const int64_t* n[2] = {reinterpret_cast<const int64_t*>(na), reinterpret_cast<const int64_t*>(nb)};
+            std::vector<int64_t> first(2 * slf::NCHECK + 1);
+            int64_t oid = -1, och = 0;
+            {
+                py::gil_scoped_release release;
+                slf::check_states(v, i, p, n, C, k, nthreads, first.data(), &oid, &och);
+            }
+            return py::make_tuple(first, oid, och);
+        },
+        "Checks of two top-k states before a merge (raw pointers): (lowest failing channel per check "
+        "[a: nan, id, empty, pos, nan_count, order, dup; b: the same; overlap], smallest shared id, "
+        "channels sharing ids); C means none.");
     m.def(
         "merge_topk",
         [](uintptr_t va, uintptr_t ia, uintptr_t pa, uintptr_t na, uintptr_t vb, uintptr_t ib,

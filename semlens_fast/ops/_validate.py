@@ -106,59 +106,92 @@ def check_result_size(rows: int, k: int, bytes_per_entry: int, what: str) -> Non
 
 
 # --------------------------------------------------------------------------- top-k states
+# merge_topk's checks of its two states: the C++ extension checks CPU states in one
+# parallel pass (csrc/topk.cpp, check_states); the torch version below serves other
+# devices (and builds without the extension). Both report the lowest failing channel of
+# the first failing check, in this order, state a before state b, then the overlap.
 
-def _channels(mask: torch.Tensor) -> str:
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    shown = rows[:5].tolist()
-    more = f" (and {rows.numel() - 5} more)" if rows.numel() > 5 else ""
-    return f"channel(s) {shown}{more}"
+_STATE_CHECKS = (
+    "{name}.values holds NaN in channel {c}; NaN never enters a state (it is counted in nan_counts)",
+    "{name}.ids holds negative ids other than -1 (the empty-slot mark) in channel {c}",
+    "{name} has empty slots (id -1) whose value is not -inf or whose position is not -1 in channel {c}",
+    "{name}.positions holds values below -1 in channel {c}",
+    "{name}.nan_counts holds a negative count at channel {c}",
+    "{name} is not sorted best first (larger value, then lower id, empty slots last) in channel {c}: "
+    "build states with TopKState.empty and these ops",
+    "{name} holds the same sample id twice in channel {c}",
+)
+_OVERLAP = ("{a} and {b} both hold sample id {sid} in channel {c} ({n} channel(s) share ids): merge_topk needs "
+            "states of disjoint sets of samples (shards of a data set, or a run and its resumption)")
 
 
-def check_state_entries(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-                        nan_counts: torch.Tensor, name: str) -> None:
-    """The entries of a top-k state follow the library's conventions: no NaN values, ids
-    >= 0 or -1 (empty slot, then value -inf and position -1), positions >= -1, NaN counts
-    >= 0, sorted best first in the total order (larger value, then lower id; empty slots
-    last) and no sample id twice in one channel. O(C k log k)."""
-    if bool(torch.isnan(values).any()):
-        raise ArgumentError(f"{name}.values holds NaN in {_channels(torch.isnan(values))}; NaN never enters a state "
-                            "(it is counted in nan_counts)")
-    if bool((ids < -1).any()):
-        raise ArgumentError(f"{name}.ids holds negative ids other than -1 (the empty-slot mark) in {_channels(ids < -1)}; "
-                            f"minimum {int(ids.min())}")
+def _first_failures_torch(values, ids, positions, nan_counts) -> list[int]:
+    """Lowest failing channel of each of _STATE_CHECKS (-1: none)."""
+    C, k = values.shape
     empty = ids == -1
-    bad = empty & ((values != float("-inf")) | (positions != -1))
-    if bool(bad.any()):
-        raise ArgumentError(f"{name} has empty slots (id -1) whose value is not -inf or whose position is not -1 in {_channels(bad)}")
-    if bool((positions < -1).any()):
-        raise ArgumentError(f"{name}.positions holds values below -1 in {_channels(positions < -1)}")
-    if bool((nan_counts < 0).any()):
-        raise ArgumentError(f"{name}.nan_counts holds negative counts at channels {torch.nonzero(nan_counts < 0).flatten()[:5].tolist()}")
-    if values.shape[1] > 1:
+    flags = [
+        torch.isnan(values).any(dim=1),
+        (ids < -1).any(dim=1),
+        (empty & ((values != float("-inf")) | (positions != -1))).any(dim=1),
+        (positions < -1).any(dim=1),
+        nan_counts < 0,
+    ]
+    if k > 1:
         v0, v1, i0, i1 = values[:, :-1], values[:, 1:], ids[:, :-1], ids[:, 1:]
-        # ids compared as unsigned (empty slots, -1, last): via an offset that keeps the order
-        u0 = torch.where(i0 < 0, torch.full_like(i0, torch.iinfo(torch.int64).max), i0)
-        u1 = torch.where(i1 < 0, torch.full_like(i1, torch.iinfo(torch.int64).max), i1)
+        big = torch.iinfo(torch.int64).max  # ids compared as unsigned: -1 (empty) last
+        u0 = torch.where(i0 < 0, torch.full_like(i0, big), i0)
+        u1 = torch.where(i1 < 0, torch.full_like(i1, big), i1)
         ordered = (v0 > v1) | ((v0 == v1) & (u0 < u1)) | ((i0 == -1) & (i1 == -1))
-        if not bool(ordered.all()):
-            raise ArgumentError(f"{name} is not sorted best first (larger value, then lower id, empty slots last) in "
-                                f"{_channels(~ordered)}: build states with TopKState.empty and these ops")
-        s = torch.sort(ids, dim=1).values
-        dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
-        if bool(dup.any()):
-            raise ArgumentError(f"{name} holds the same sample id twice in {_channels(dup)}")
+        flags.append(~ordered.all(dim=1))
+        srt = torch.sort(ids, dim=1).values
+        flags.append(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1))
+    else:
+        flags += [torch.zeros(C, dtype=torch.bool, device=values.device)] * 2
+    out = []
+    for f in flags:
+        nz = torch.nonzero(f).flatten()
+        out.append(int(nz[0]) if nz.numel() else -1)
+    return out
 
 
-def check_disjoint(a_ids: torch.Tensor, b_ids: torch.Tensor, a_name: str, b_name: str) -> None:
-    """No channel holds the same sample id in both states (their samples must be disjoint:
-    merging overlapping shards would count a sample twice)."""
+def _overlap_torch(a_ids, b_ids) -> tuple[int, int, int]:
+    """(lowest channel holding an id of both, its smallest such id, channels affected); -1 if none."""
     both = torch.sort(torch.cat([a_ids, b_ids], dim=1), dim=1).values
     dup = (both[:, 1:] == both[:, :-1]) & (both[:, 1:] >= 0)
-    if bool(dup.any()):
-        c = int(torch.nonzero(dup.any(dim=1)).flatten()[0])
-        sid = int(both[c, 1:][dup[c]][0])
-        n = int(dup.any(dim=1).sum())
-        raise ArgumentError(
-            f"{a_name} and {b_name} both hold sample id {sid} in channel {c} ({n} channel(s) share ids): merge_topk "
-            "needs states of disjoint sets of samples (shards of a data set, or a run and its resumption)"
-        )
+    rows = dup.any(dim=1)
+    if not bool(rows.any()):
+        return -1, -1, 0
+    c = int(torch.nonzero(rows).flatten()[0])
+    return c, int(both[c, 1:][dup[c]][0]), int(rows.sum())
+
+
+def check_merge_states(a, b, a_name: str = "a", b_name: str = "b", *, use_extension: bool = True) -> None:
+    """Both states follow the library's conventions and hold disjoint samples: no NaN
+    values; ids >= 0, or -1 for an empty slot (value -inf, position -1); positions >= -1;
+    NaN counts >= 0; sorted best first in the total order (larger value, then lower id,
+    empty slots last); no sample id twice in a channel; no channel holding the same
+    sample id in both states. Raises ArgumentError naming the state, the check and the
+    lowest channel that fails it. O(C k log k)."""
+    from . import _backend
+
+    ext = _backend.extension() if use_extension else None
+    C, k = a.values.shape
+    if ext is not None and a.values.device.type == "cpu":
+        first, sid, n = ext.check_merge_states(
+            a.values.data_ptr(), a.ids.data_ptr(), a.positions.data_ptr(), a.nan_counts.data_ptr(),
+            b.values.data_ptr(), b.ids.data_ptr(), b.positions.data_ptr(), b.nan_counts.data_ptr(),
+            C, k, _backend.num_threads())
+        first = [c if c < C else -1 for c in first]
+        fa, fb, (oc, osid, on) = first[: len(_STATE_CHECKS)], first[len(_STATE_CHECKS) : 2 * len(_STATE_CHECKS)], (first[-1], sid, n)
+    else:
+        fa = _first_failures_torch(a.values, a.ids, a.positions, a.nan_counts)
+        fb = _first_failures_torch(b.values, b.ids, b.positions, b.nan_counts)
+        oc, osid, on = -1, -1, 0
+    for name, fails in ((a_name, fa), (b_name, fb)):
+        for msg, c in zip(_STATE_CHECKS, fails):
+            if c >= 0:
+                raise ArgumentError(msg.format(name=name, c=c))
+    if ext is None or a.values.device.type != "cpu":
+        oc, osid, on = _overlap_torch(a.ids, b.ids)
+    if oc >= 0:
+        raise ArgumentError(_OVERLAP.format(a=a_name, b=b_name, sid=osid, c=oc, n=on))

@@ -45,7 +45,7 @@ import torch
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from . import _backend
-from ._validate import check_disjoint, check_result_size, check_state_entries, check_tensor_device, parse_device
+from ._validate import check_merge_states, check_result_size, check_tensor_device, parse_device
 
 Pool = Literal["max", "mean", "absmax", "sum"]
 POOLS: tuple[str, ...] = ("max", "mean", "absmax", "sum")
@@ -321,9 +321,7 @@ def merge_topk(a: TopKState, b: TopKState) -> TopKState:
         raise ShapeError(f"a has shape [C, k] = {tuple(a.values.shape)} but b has {tuple(b.values.shape)}; states must agree in C and k")
     if a.device != b.device:
         raise DeviceError(f"a is on {a.device} but b is on {b.device}")
-    for name, s in (("a", a), ("b", b)):
-        check_state_entries(s.values, s.ids, s.positions, s.nan_counts, name)
-    check_disjoint(a.ids, b.ids, "a", "b")
+    check_merge_states(a, b, "a", "b")
     out = a.clone()
     _backend_module(a.device).merge_topk(out, b)
     return out

@@ -248,7 +248,8 @@ def merge_cases(draw):
     return C, k, xa, ia, xb, ib, damage
 
 
-def build_and_merge(C, k, xa, ia, xb, ib, damage):
+def build_states(C, k, xa, ia, xb, ib, damage):
+    """Two states of the two shards, then the drawn damage."""
     a, b = TopKState.empty(C, k), TopKState.empty(C, k)
     topk_update(a, xa, ia)
     topk_update(b, xb, ib)
@@ -269,13 +270,38 @@ def build_and_merge(C, k, xa, ia, xb, ib, damage):
         b = TopKState.empty(C, k + 1)
     elif damage == "notstate":
         b = (b.values, b.ids)
-    return merge_topk(a, b)
+    return a, b
+
+
+def build_and_merge(*case):
+    return merge_topk(*build_states(*case))
+
+
+def merge_checks_agree(*case):
+    """The C++ and the torch versions of merge_topk's state checks say the same."""
+    from semlens_fast.ops._validate import check_merge_states
+
+    try:
+        a, b = build_states(*case)
+    except SemlensError:
+        return
+    if not isinstance(b, TopKState) or a.values.shape != b.values.shape:
+        return
+    msgs = []
+    for use_ext in (True, False):
+        try:
+            check_merge_states(a, b, use_extension=use_ext)
+            msgs.append(None)
+        except SemlensError as exc:
+            msgs.append(str(exc))
+    assert msgs[0] == msgs[1], msgs
 
 
 @settings(max_examples=80, **FUZZ)
 @given(st.sampled_from(CPU_ISAS or ["scalar"]), merge_cases())
 def test_fuzz_merge(isa, case):
     check(isa, build_and_merge, *case)
+    merge_checks_agree(*case)
 
 
 @st.composite

@@ -119,8 +119,61 @@ def test_merge_refuses_broken_conventions(backend):
         merge_topk(a, TopKState.empty(1, 2))
     a = TopKState.empty(1, 2)
     a.nan_counts[0] = -1
-    with pytest.raises(ArgumentError, match="nan_counts holds negative counts"):
+    with pytest.raises(ArgumentError, match="nan_counts holds a negative count at channel 0"):
         merge_topk(a, TopKState.empty(1, 2))
+
+
+def _damaged_pairs():
+    """(a, b) pairs with one defect each, and a clean pair."""
+    out = []
+    for damage in ("none", "nan", "id", "empty", "pos", "nan_count", "order", "dup", "overlap", "b_nan", "two"):
+        a = _state(4, 3, {1: [(2.0, 1, 0), (1.0, 2, 3)], 3: [(5.0, 9, -1)]})
+        b = _state(4, 3, {1: [(4.0, 5, 1)], 2: [(0.5, 6, -1), (0.25, 7, -1)]})
+        if damage == "nan":
+            a.values[3, 0] = float("nan")
+        elif damage == "id":
+            a.ids[1, 1] = -4
+        elif damage == "empty":
+            a.positions[0, 2] = 5
+        elif damage == "pos":
+            a.positions[1, 0] = -3
+        elif damage == "nan_count":
+            a.nan_counts[2] = -2
+        elif damage == "order":
+            a.values[1, 1] = 3.0
+        elif damage == "dup":
+            b.ids[2, 1] = 6
+        elif damage == "overlap":
+            b.ids[2, 0] = 9  # a holds 9 in channel 3, b in channel 2: no overlap ...
+            b.ids[1, 0] = 2  # ... but 2 is in channel 1 of both
+        elif damage == "b_nan":
+            b.values[2, 1] = float("nan")
+        elif damage == "two":  # NaN in a's channel 3 and a bad id in a's channel 1: NaN is reported
+            a.values[3, 0] = float("nan")
+            a.ids[1, 1] = -4
+        out.append((damage, a, b))
+    return out
+
+
+@pytest.mark.parametrize("damage,a,b", _damaged_pairs(), ids=[d for d, _, _ in _damaged_pairs()])
+def test_merge_checks_torch_and_cpp_agree(damage, a, b):
+    """The C++ check (CPU states) and the torch check (other devices) report the same
+    check, state and channel."""
+    from semlens_fast.ops._validate import check_merge_states
+
+    msgs = []
+    for use_ext in ([True, False] if _backend.extension() is not None else [False]):
+        try:
+            check_merge_states(a, b, use_extension=use_ext)
+            msgs.append(None)
+        except ArgumentError as exc:
+            msgs.append(str(exc))
+    assert len(set(msgs)) == 1, msgs
+    assert (msgs[0] is None) == (damage == "none"), msgs
+    if damage == "overlap":
+        assert "both hold sample id 2 in channel 1 (1 channel(s) share ids)" in msgs[0]
+    if damage == "two":
+        assert "a.values holds NaN in channel 3" in msgs[0]
 
 
 def test_merge_accepts_real_minus_inf_and_ties(backend):
