@@ -11,14 +11,16 @@ import torch
 
 from ..errors import ArgumentError, DeviceError
 
-SUPPORTED_DEVICES = ("cpu", "cuda")
+SUPPORTED_DEVICES = ("cpu", "cuda", "meta")
 
 
-def parse_device(device: object, name: str = "device") -> torch.device:
+def parse_device(device: object, name: str = "device", *, meta: bool = True) -> torch.device:
     """``device`` (None -> cpu, a ``torch.device`` or a string) as a usable torch.device.
 
     Refuses strings torch cannot parse (``'gpu'``, ``''``), device types the ops do not
-    run on (``'mps'``, ``'meta'``, ...) and CUDA devices that are not there."""
+    run on (``'mps'``, ...) and CUDA devices that are not there. ``'meta'`` is accepted
+    unless ``meta=False``: the registered ops give meta (and fake) tensors their result
+    shapes without computing anything (see "registered torch ops" in ops/topk.py)."""
     if device is None:
         return torch.device("cpu")
     if not isinstance(device, (str, torch.device)) or isinstance(device, bool):
@@ -27,15 +29,16 @@ def parse_device(device: object, name: str = "device") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise DeviceError(f"{name}={device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:<index>'") from exc
-    check_device_type(dev, name)
+    check_device_type(dev, name, meta=meta)
     return dev
 
 
-def check_device_type(dev: torch.device, name: str) -> None:
-    """``dev`` is a CPU device, or a CUDA device that exists."""
+def check_device_type(dev: torch.device, name: str, *, meta: bool = True) -> None:
+    """``dev`` is a CPU device, a CUDA device that exists, or (``meta=True``) meta."""
+    if dev.type == "meta" and not meta:
+        raise DeviceError(f"{name} is on device 'meta' (meta tensors hold no data); this needs 'cpu' or 'cuda' data")
     if dev.type not in SUPPORTED_DEVICES:
-        extra = " (meta tensors hold no data)" if dev.type == "meta" else ""
-        raise DeviceError(f"{name} is on device {str(dev)!r}{extra}; the ops run on 'cpu' or 'cuda'")
+        raise DeviceError(f"{name} is on device {str(dev)!r}; the ops run on 'cpu' or 'cuda' ('meta' for shapes only)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"{name} asks for device {str(dev)!r} but CUDA is not available here (no GPU or no CUDA driver)")
@@ -43,10 +46,10 @@ def check_device_type(dev: torch.device, name: str) -> None:
             raise DeviceError(f"{name} asks for device {str(dev)!r} but there are {torch.cuda.device_count()} CUDA device(s)")
 
 
-def check_tensor_device(t: torch.Tensor, name: str) -> None:
-    """A tensor argument lives on a device the ops run on (not meta, mps, ...)."""
+def check_tensor_device(t: torch.Tensor, name: str, *, meta: bool = True) -> None:
+    """A tensor argument lives on a device the ops run on (not mps, ...; meta only if ``meta``)."""
     if t.device.type != "cpu":  # the common case costs one comparison
-        check_device_type(t.device, name)
+        check_device_type(t.device, name, meta=meta)
 
 
 def available_memory() -> int:

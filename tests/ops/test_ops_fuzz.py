@@ -67,6 +67,8 @@ def on(backend: str, isa: str | None, fn, *args, **kw):
 
 
 def same(got, want) -> bool:
+    if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and "meta" in (got.device.type, want.device.type):
+        return got.device == want.device and got.dtype == want.dtype and got.shape == want.shape  # shapes only
     if isinstance(got, Raised) or isinstance(want, Raised):
         return isinstance(got, Raised) and isinstance(want, Raised) and got.type is want.type
     if isinstance(got, TopKState):
@@ -173,7 +175,7 @@ def k_values(draw):
 def state_args(draw):
     C = draw(st.integers(1, 6)) if chance(draw, 0.9) else choose(draw, [(1, v) for v in (0, -1, 2.5, True)])
     k = draw(k_values())
-    bad = ["gpu", "", "mps", "meta", "cuda", "cuda:1", 0]
+    bad = ["gpu", "", "mps", "cuda", "cuda:1", 0]  # (meta is a shape-only device: test_registered_ops.py)
     device = choose(draw, [(6, None), (2, "cpu"), (1, torch.device("cpu"))] + [(0.15, b) for b in bad])
     return C, k, device
 
