@@ -409,6 +409,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.explorer import Limits
+    from .serve.server import serve
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_upload_pixels=int(args.max_upload_mpx * 1e6))
+    if limits.max_upload_bytes < 1 or limits.max_upload_pixels < 1:
+        raise CommandError("--max-upload-mb and --max-upload-mpx must be positive")
+    ready = (lambda url: print(json.dumps({"url": url, "run": str(args.run), "writable": args.writable}))) if args.json else None
+    return serve(args.run, host=args.host, port=args.port, writable=args.writable, compare_with=args.compare_with or [],
+                 limits=limits, access_log=args.access_log, say=(lambda s: None) if args.json else print, on_ready=ready)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -555,9 +567,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("report", "write the HTML report of a run (grids, labels, audit, search results, concept map)", cmd_report)
     r.add_argument("--out", help="output folder (default RUN/report)")
 
+    sv = add("serve", "an interactive explorer of the run in the browser (search, neurons, describe, compare, audit, "
+                      "concept map) with a JSON API; read-only unless --writable", cmd_serve)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    sv.add_argument("--writable", action="store_true", help="allow writes to the run folder: relevance for new "
+                                                            "classes (cached in RUN/relevance/), saving audits")
+    sv.add_argument("--compare-with", action="append", help="another run folder the Compare page may use (repeatable)")
+    sv.add_argument("--max-upload-mb", type=float, default=8.0, help="largest uploaded image file (default 8 MiB)")
+    sv.add_argument("--max-upload-mpx", type=float, default=16.0, help="largest uploaded image in megapixels (default 16)")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+
     b = add("bench", "run the benchmark suites side by side with the peers and rewrite BENCHMARKS.md", cmd_bench,
             run=False)
-    b.add_argument("suites", nargs="*", help="suite files, e.g. bench_topk.py (default all)")
+    b.add_argument("suites", nargs="*", help="suite files, e.g. bench_topk.py, or short names: `relevance` runs "
+                                             "every bench_relevance*.py (speed and the evaluation table) (default all)")
     b.add_argument("--scale", type=float, help="SEMLENS_BENCH_SCALE: shrink the problem sizes (e.g. 0.1)")
     return p
 
