@@ -1,7 +1,8 @@
 """Figures quoted by the hardening issues 20 and 21 (kernel and ops part), measured
 outside pytest-benchmark. Each subcommand prints one line per measurement:
 
-    python benchmarks/figures_harden.py repro        # 20.1: cosine_topk(q, db * s, k), C++ vs reference
+    python benchmarks/figures_harden.py repro [cpu|triton]
+                                                      # 20.1: cosine_topk(q, db * s, k) vs the reference, s = 1e-30..1e30
     python benchmarks/figures_harden.py topk [k] [batches] [skip] [merge_min_k]
                                                       # 20.7: topk_update, C = 2048, B = 256
     python benchmarks/figures_harden.py pairwise [N] [d] [k] [dtype]
@@ -27,24 +28,50 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def repro() -> None:
-    from semlens_fast.ops import cosine_topk
+def repro(backend: str = "cpu") -> None:
+    """cosine_topk(q, db * s, 5) on ``backend`` vs the reference, s = 1e-30 .. 1e30 (every
+    five decades, the overflow edge 1e19) and rows at mixed scales; C++: every SIMD level
+    this CPU has; triton: set TRITON_INTERPRET=1 without a GPU (small shapes, slow)."""
+    from semlens_fast.ops import _backend, cosine_topk
 
+    ext = _backend.extension() if backend == "cpu" else None
+    isas = [None]
+    if ext is not None and hasattr(ext, "set_isa"):
+        levels = ["scalar", "avx2", "avx512"]
+        isas = levels[: levels.index(ext.best_isa()) + 1]
     g = torch.Generator().manual_seed(0)
-    q_all, db = torch.randn(16, 64, generator=g), torch.randn(300, 64, generator=g)
+    q_all, base = torch.randn(16, 64, generator=g), torch.randn(300, 64, generator=g)
+    mixed = base.clone()
+    mixed[::3] *= 1e-30
+    mixed[1::3] *= 1e25
+    mixed[5] = 0
+    mixed[7, :32] *= 1e-35
+    cases = [(f"db*{s:g}", base * s) for s in (1e-30, 1e-25, 1e-20, 1e-15, 1e-10, 1e-5, 1.0, 1e5, 1e10, 1e15, 1e19, 1e20, 1e25, 1e30)]
+    cases.append(("mixed scales", mixed))
+    worst = 0
     for Q in (1, 4, 16):
-        for s in (1e-30, 1e-20, 1.0, 1e19, 1e30):
+        for name, db in cases:
             q = q_all[:Q]
             os.environ["SEMLENS_BACKEND"] = "reference"
-            r = cosine_topk(q, db * s, 5)
-            os.environ["SEMLENS_BACKEND"] = "cpu"
-            try:
-                c = cosine_topk(q, db * s, 5)
-                bad = int((c[1] != r[1]).sum())
-                out = "equal" if bad == 0 and torch.equal(c[0], r[0]) else f"WRONG ids {bad}/{r[1].numel()}"
-            except Exception as exc:  # noqa: BLE001 - reported
-                out = f"{type(exc).__name__}: {str(exc)[:70]}"
-            print(f"Q={Q:2d} db*{s:g}: {out}")
+            r = cosine_topk(q, db, 5)
+            os.environ["SEMLENS_BACKEND"] = backend
+            outs = []
+            for isa in isas:
+                if isa is not None:
+                    ext.set_isa(isa)
+                try:
+                    c = cosine_topk(q, db, 5)
+                    bad = int((c[1] != r[1]).sum())
+                    worst = max(worst, bad)
+                    outs.append("equal" if bad == 0 and torch.equal(c[0].view(torch.int32), r[0].view(torch.int32))
+                                else f"WRONG ids {bad}/{r[1].numel()}")
+                except Exception as exc:  # noqa: BLE001 - reported
+                    outs.append(f"{type(exc).__name__}: {str(exc)[:70]}")
+            if ext is not None and hasattr(ext, "set_isa"):
+                ext.set_isa(ext.best_isa())
+            label = "/".join(i for i in isas if i) or backend
+            print(f"{backend} Q={Q:2d} {name}: {label}: {', '.join(outs)}")
+    print(f"{backend}: worst case {worst} ids differ from the reference")
 
 
 def topk(k: int = 10_000, batches: int = 4, skip: int = 0, merge_min_k: int | None = None) -> None:
@@ -57,6 +84,7 @@ def topk(k: int = 10_000, batches: int = 4, skip: int = 0, merge_min_k: int | No
     C, B = 2048, 256
     g = torch.Generator().manual_seed(0)
     state = TopKState.empty(C, k)
+    topk_update(TopKState.empty(4, 3), torch.randn(2, 4), torch.arange(2))  # one-time start-up (thread pool, op dispatch)
     walls, cpus = [], []
     for i in range(skip + batches):
         acts = torch.randn(B, C, generator=g)  # fresh values every batch (a repeated batch brings no candidates)
@@ -115,7 +143,7 @@ def index(Q: int = 16, k: int = 10_000, chunk: str = "default", path: str = "/tm
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "repro":
-        repro()
+        repro(*args[:1])
     elif cmd == "topk":
         topk(*[int(a) for a in args])
     elif cmd == "pairwise":
