@@ -54,9 +54,10 @@ def check_tensor_device(t: torch.Tensor, name: str, *, meta: bool = True) -> Non
 
 def available_memory() -> int:
     """Bytes of memory this process may still use: ``MemAvailable`` of /proc/meminfo, or
-    less when a cgroup memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)
-    leaves less room (the limit less this process's anonymous memory: page cache, mapped
-    files included, is reclaimable); 4 GiB if none of them can be read (not Linux)."""
+    less when a cgroup memory limit leaves less room (the tightest limit of this process's
+    own cgroup and its ancestors, found through /proc/self/cgroup: v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``; the limit less this process's anonymous memory: page cache,
+    mapped files included, is reclaimable); 4 GiB if none of them can be read (not Linux)."""
     avail = None
     try:
         with open("/proc/meminfo") as fh:
@@ -66,14 +67,50 @@ def available_memory() -> int:
                     break
     except (OSError, ValueError, IndexError):
         avail = None
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        limit = _read_int(limit_file)
-        if limit is None or limit >= 1 << 60:  # absent, "max", or the v1 "no limit" value
-            continue
+    limit = cgroup_memory_limit()
+    if limit is not None:
         room = limit - _anonymous_bytes()
         avail = room if avail is None else min(avail, room)
-        break
     return max(0, avail) if avail is not None else 4 << 30
+
+
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The tightest memory limit (bytes) of this process's cgroup and its ancestors, or
+    None when there is none. Reads ``proc_cgroup`` (``id:controllers:path`` lines) for the
+    v2 path (``0::/...``: ``<root>/<path>/memory.max``) and the v1 memory controller
+    (``N:memory:/...``: ``<root>/memory/<path>/memory.limit_in_bytes``); the hierarchy's
+    root file is read too (a container's own cgroup appears as ``/`` in its namespace)."""
+    try:
+        with open(proc_cgroup) as fh:
+            lines = fh.read(1 << 16).splitlines()
+    except OSError:
+        lines = []
+    files = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, ctrls, path = parts
+        if ctrls == "":
+            base, name = root, "memory.max"
+        elif "memory" in ctrls.split(","):
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        rel = path.strip("/")
+        while True:
+            files.append(os.path.join(base, rel, name) if rel else os.path.join(base, name))
+            if not rel:
+                break
+            rel = os.path.dirname(rel)
+    if not files:  # no /proc/self/cgroup: the root files of both versions
+        files = [os.path.join(root, "memory.max"), os.path.join(root, "memory", "memory.limit_in_bytes")]
+    best = None
+    for f in files:
+        v = _read_int(f)
+        if v is not None and v < (1 << 60):  # absent, "max", or the v1 "no limit" value
+            best = v if best is None else min(best, v)
+    return best
 
 
 def _read_int(path: str) -> int | None:

@@ -119,3 +119,32 @@ def test_cosine_topk_large_k_single_query_still_runs():
     s, i = cosine_topk(q, db, 2999)
     rs, ri = ref.cosine_topk(q, db, 2999, None)
     assert torch.equal(i, ri) and torch.equal(s, rs)
+
+
+def test_cgroup_limit_of_the_process_own_cgroup_and_its_ancestors(tmp_path):
+    """The limit is found where the process lives (not only at the hierarchy's root, which is
+    unlimited on a host or in a container without a cgroup namespace): before, a search
+    under a 1 GB cap of a nested cgroup sized its chunks from MemAvailable."""
+    from semlens_fast.ops._validate import cgroup_memory_limit
+
+    root = tmp_path / "cg"
+    v1 = root / "memory" / "jobs" / "job7"
+    v1.mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1 "no limit"
+    (root / "memory" / "jobs" / "memory.limit_in_bytes").write_text(f"{3 << 30}\n")
+    (v1 / "memory.limit_in_bytes").write_text(f"{1 << 30}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("9:name=systemd:/\n4:memory:/jobs/job7\n1:cpu:/\n0::/\n")
+    assert cgroup_memory_limit(str(proc), str(root)) == 1 << 30
+    (v1 / "memory.limit_in_bytes").write_text(f"{8 << 30}\n")  # the parent is tighter
+    assert cgroup_memory_limit(str(proc), str(root)) == 3 << 30
+    v2 = root / "user.slice" / "run"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text(f"{512 << 20}\n")
+    (root / "user.slice" / "memory.max").write_text("max\n")
+    proc.write_text("0::/user.slice/run\n")
+    assert cgroup_memory_limit(str(proc), str(root)) == 512 << 20
+    proc.write_text("0::/\n")  # a namespaced container: its own root file
+    (root / "memory.max").write_text(f"{2 << 30}\n")
+    assert cgroup_memory_limit(str(proc), str(root)) == 2 << 30
+    assert cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path / "none")) is None

@@ -27,7 +27,7 @@ INT16_MIN_QUERIES = 9
 MAX_CANDIDATES = 1 << 14  # beyond this, a query is resolved by an exact scan
 # From this many candidates per query on, the candidate pass buffers each query's
 # candidates and merges them into its sorted list in one pass (one insertion moves up to
-# K entries): see benchmarks/NOTES.md ("large k")
+# K entries): see docs/similarity.md ("Large K")
 MERGE_MIN_K = 256
 SCAN_CHUNK = 1 << 16
 

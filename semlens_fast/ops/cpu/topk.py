@@ -14,7 +14,7 @@ _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _POOL = {"max": 0, "mean": 1, "absmax": 2, "sum": 3}
 # From this k on, the kernel collects each channel's candidates over runs of samples and
 # merges them into the sorted list in one pass instead of one insertion (memmove of up to
-# k entries) per candidate; see benchmarks/NOTES.md ("large k") for the measurements.
+# k entries) per candidate; see docs/ARCHITECTURE.md ("Large k") and benchmarks/figures_harden.py (topk).
 MERGE_MIN_K = 256
 
 
