@@ -33,6 +33,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import scores as _scores
+from .audit import AuditReport
+from .audit import run_audit as _run_audit
 from .errors import ArgumentError, ShapeError
 from .ops import cosine_topk, pairwise_max
 
@@ -92,6 +94,7 @@ class _Layer:
     examples: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     ids: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
 
 
 def _is_texts(q: Any) -> bool:
@@ -215,37 +218,6 @@ class CompareResult(_Records):
 
 
 @dataclass
-class AuditReport(_Records):
-    """Output of :meth:`Lens.audit` (see there). ``print(report)`` shows a readable table."""
-
-    valid: list[str]
-    spurious: list[str]
-    components: list[dict[str, Any]]
-    flagged: list[dict[str, Any]]
-    relevance_share: dict[str, float] | None = None
-    target: Any = None
-
-    def to_records(self) -> list[dict[str, Any]]:
-        return list(self.components)
-
-    def flagged_pandas(self):
-        return _pandas().DataFrame.from_records(self.flagged)
-
-    def __str__(self) -> str:
-        lines = [f"audit: valid={self.valid} spurious={self.spurious}",
-                 f"{len(self.flagged)} of {len(self.components)} components flagged (spurious-aligned)"]
-        if self.relevance_share is not None:
-            lines.append(f"relevance share for target {self.target!r}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in self.relevance_share.items()))
-        cols = ["layer", "component", "valid_score", "valid_concept", "spurious_score", "spurious_concept"]
-        if self.relevance_share is not None:
-            cols.append("relevance")
-        cols.append("top_samples")
-        lines.append(_table(self.flagged, cols))
-        return "\n".join(lines)
-
-
-@dataclass
 class LayerSummary:
     """Output of :meth:`Lens.describe`: a summary of one layer."""
 
@@ -300,7 +272,7 @@ class Lens:
             for n in names:
                 lc = db[n]
                 self._layers[n] = _Layer(lc.embeddings, getattr(lc, "examples", None), getattr(lc, "valid", None),
-                                         getattr(lc, "ids", None))
+                                         getattr(lc, "ids", None), getattr(lc, "boxes", None))
         if not self._layers:
             raise ArgumentError("db holds no layers")
         dims = {int(lay.embeddings.shape[-1]) for lay in self._layers.values()}
@@ -695,67 +667,47 @@ class Lens:
         return r
 
     # ------------------------------------------------------------------ audit
-    def audit(self, valid: Sequence[Any] | Mapping[str, Any], spurious: Sequence[Any] | Mapping[str, Any],
-              relevance: Any = None, target: Any = None, *, layers: str | Sequence[str] | None = None,
-              templates: Sequence[str] | None = None, threshold: float | None = 0.0, margin: float = 0.0,
-              top: int = 5) -> AuditReport:
-        """Which components encode spurious rather than valid concepts, and how much they matter.
+    def audit(self, valid: Any = None, spurious: Any = None, relevance: Any = None, target: Any = None, *,
+              layers: str | Sequence[str] | None = None, templates: Sequence[str] | None = None,
+              model: Any = None, data: Any = None, images: Any = None, to_input: Any = None,
+              fdr: float = 0.1, n_null: int = 100, n_images: int = 16, causal: bool = True, n_causal: int = 256,
+              relevance_samples: int = 256, reference_pool: int = 512, top: int = 20, pool: str = "max",
+              threshold: float | None = None, margin: float | None = None, seed: int = 0,
+              progress: bool = False) -> AuditReport:
+        """Which components encode a suspected artifact, which classes rely on it, and the data behind it.
 
-        ``valid`` / ``spurious``: concept sets as texts (null-subtracted probes), or mappings
-        ``{name: image or embedding}``. Per component ``c``::
+        Calibrated (see :mod:`semlens_fast.audit` for every formula): each component's alignment with
+        each ``spurious`` probe is turned into a z-score and an empirical p-value against a null bank of
+        probes of the same kind; components are flagged by Benjamini-Hochberg at ``fdr``, and the
+        ranked list of all components is always returned.
 
-            a_valid(c)    = max_{v in valid}    cos(e_c, probe_v)
-            a_spurious(c) = max_{s in spurious} cos(e_c, probe_s)
-
-        (tiled :func:`~semlens_fast.ops.pairwise_max`). A component is *spurious-aligned*
-        when ``a_spurious - a_valid > margin``, else valid-aligned; it is *flagged* when
-        spurious-aligned and ``a_spurious >= threshold`` (default 0: null-subtracted probes
-        centre unrelated concepts near 0; ``None`` disables the check). With ``relevance`` (per
-        layer ``[C]`` for the class, or ``[n_classes, C]`` with ``target``; a dict per layer
-        for several layers): ``relevance_share`` = the share of the positive relevance
-        ``sum max(r_c, 0)`` carried by spurious- vs valid-aligned components. Flagged
-        components list their top sample ids (the data that activates them most) when the DB
-        has them. Components without examples are skipped.
+        Args:
+            valid: optional concepts the model *should* use (same forms as ``spurious``); calibrated the
+                same way and reported beside the spurious scores (``valid_z``, ``rather_than_valid``);
+                they do not change the flags unless ``margin`` is given.
+            spurious: the suspected artifact: ``{name: probe}`` (or one probe, or a list of texts), where a
+                probe is a **transform** ``fn(raw images) -> raw images`` adding the artifact (the
+                counterfactual probe; e.g. :class:`~semlens_fast.intervene.Paste`), a **picture** of it
+                (an image, or a list of images averaged into one concept), a **text** (needs a text-capable
+                foundation model) or an **embedding** ``[d]``.
+            relevance: per-component relevance, ``{layer: [C]}`` for the target class or
+                ``{layer: [n_classes, C]}``; by default computed from ``model`` and ``data`` for every
+                class (``relevance_samples`` samples each). Non-finite values are left out of the
+                shares with a warning.
+            target: the class to report relevance shares for (an index); ``None`` audits every class.
+            model, data: the network and its data (an :class:`~semlens_fast.intervene.ImageData`, or an
+                :class:`~semlens_fast.data.ImageDataset`): needed for transform probes' causal check
+                (``causal``: :func:`~semlens_fast.intervene.intervene` on ``n_causal`` samples), per-class
+                relevance and the samples behind each flagged component (``top`` per component, chosen
+                from ``reference_pool`` samples of the affected class by the component's relevance).
+            images: raw images to build probes and nulls from (default: ``data``'s images).
+            fdr: the false-discovery rate of the flags; ``n_null``: null probes per probe; ``n_images``:
+                images per counterfactual probe; ``seed``: all sampling.
+            threshold, margin: optional extra conditions on the (centred) cosine ``score``: at least
+                ``threshold``, and more than ``margin`` above the best valid concept's.
         """
-        names = self._resolve_layers(layers)
-        vn, V = self._vocab(valid, templates, "valid")
-        sn, S = self._vocab(spurious, templates, "spurious")
-        if relevance is not None and not isinstance(relevance, Mapping) and len(names) > 1:
-            raise ArgumentError(f"relevance for several layers {names} must be a {{layer: tensor}} dict")
-        comps, flagged = [], []
-        share = {"spurious": 0.0, "valid": 0.0} if relevance is not None else None
-        total = 0.0
-        for n in names:
-            lay = self._layers[n]
-            e = lay.embeddings
-            C = int(e.shape[0])
-            idx, sub = self._nonempty(n)
-            if idx.numel() == 0:
-                continue
-            sv, iv = pairwise_max(sub, V.to(e.device, torch.float32))
-            ss, is_ = pairwise_max(sub, S.to(e.device, torch.float32))
-            sv, iv, ss, is_ = sv.cpu(), iv.cpu(), ss.cpu(), is_.cpu()
-            r = self._relevance(relevance if isinstance(relevance, Mapping) else {n: relevance}, n, target, C) \
-                if relevance is not None else None
-            for j, c in enumerate(idx.tolist()):
-                sp = float(ss[j]) - float(sv[j]) > margin
-                row = dict(layer=n, component=c, valid_score=float(sv[j]), valid_concept=vn[int(iv[j])],
-                           spurious_score=float(ss[j]), spurious_concept=sn[int(is_[j])], spurious_aligned=sp)
-                if r is not None:
-                    rc = float(r[c])
-                    row["relevance"] = rc
-                    pos = max(rc, 0.0)
-                    total += pos
-                    share["spurious" if sp else "valid"] += pos
-                if lay.ids is not None:
-                    ids = lay.ids[c]
-                    ok = ids >= 0 if lay.valid is None else (lay.valid[c].to(torch.bool) & (ids >= 0))
-                    row["top_samples"] = ids[ok][:top].tolist()
-                comps.append(row)
-                if sp and (threshold is None or float(ss[j]) >= threshold):
-                    flagged.append(row)
-        if share is not None:
-            share = {k: (v / total if total > 0 else float("nan")) for k, v in share.items()}
-        key = "relevance" if relevance is not None else "spurious_score"
-        flagged.sort(key=lambda row: -row[key])
-        return AuditReport(vn, sn, comps, flagged, share, target)
+        return _run_audit(self, valid, spurious, relevance, target, layers=layers, templates=templates, model=model,
+                          data=data, images=images, to_input=to_input, fdr=fdr, n_null=n_null, n_images=n_images,
+                          causal=causal, n_causal=n_causal, relevance_samples=relevance_samples,
+                          reference_pool=reference_pool, top=top, pool=pool, threshold=threshold, margin=margin,
+                          seed=seed, progress=progress)
