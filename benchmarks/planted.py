@@ -39,6 +39,7 @@ TABLE = HERE / "PLANTED.md"
 CLASSES = (0, 2, 4)          # T-shirt/top, Pullover, Coat
 SEEDS = (0, 1, 2)
 ROUTES = ("transform", "paste", "picture", "text")
+DEFAULT_ROUTES = ("transform", "picture", "text")
 VERSION = 2
 
 
@@ -57,7 +58,7 @@ def key(spec: dict) -> str:
     return f"{spec['arch']}-{spec['mark']}-c{spec['target']}-s{spec['seed']}"
 
 
-def run_case(spec: dict, cache: str, routes=ROUTES, n_train: int = 10000, steps: int = 500) -> dict:
+def run_case(spec: dict, cache: str, routes=DEFAULT_ROUTES, n_train: int = 10000, steps: int = 500) -> dict:
     """Build one case, its ground truth and the audits of every route; a JSON-able dict."""
     import torch
 
@@ -225,10 +226,20 @@ def write_table(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cached(spec: dict, cache: str) -> dict | None:
+    """The stored result of a case, if its folder in the cache has one of this VERSION."""
+    root = Path(cache)
+    for folder in sorted(root.glob(key(spec) + "-*")):
+        f = folder / f"result-v{VERSION}.json"
+        if f.exists():
+            return json.loads(f.read_text())
+    return None
+
+
 def _worker(args):
-    spec, cache = args
+    spec, cache, routes = args
     try:
-        return run_case(spec, cache)
+        return run_case(spec, cache, routes)
     except Exception as exc:  # noqa: BLE001 - report and continue
         import traceback
 
@@ -240,8 +251,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", default=None)
-    ap.add_argument("--only", action="append", help="run only cases whose key contains this (repeatable)")
+    ap.add_argument("--only", action="append", help="run only cases whose key starts with this (repeatable)")
+    ap.add_argument("--arch", action="append", help="run only these architectures (repeatable)")
+    ap.add_argument("--routes", default=",".join(DEFAULT_ROUTES), help=f"comma-separated, of {ROUTES}")
     ap.add_argument("--report", action="store_true", help="only rewrite PLANTED.md from the stored results")
+    ap.add_argument("--collect", action="store_true",
+                    help="write the results of every grid case already in the cache (run nothing)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from semlens_fast.models import default_cache_dir
@@ -251,22 +266,36 @@ def main(argv=None) -> int:
         data = json.loads(RESULTS.read_text())
         TABLE.write_text(write_table(data["cases"], data["meta"]))
         return 0
+    routes = tuple(r for r in args.routes.split(",") if r)
+    if set(routes) - set(ROUTES):
+        ap.error(f"--routes: unknown {sorted(set(routes) - set(ROUTES))}")
     specs = grid()
     if args.only:
-        specs = [s for s in specs if any(o in key(s) for o in args.only)]
+        specs = [s for s in specs if any(key(s).startswith(o) for o in args.only)]
+    if args.arch:
+        specs = [s for s in specs if s["arch"] in args.arch]
     t0 = time.perf_counter()
     results = []
+    if args.collect:
+        results = [r for r in (_cached(s, cache) for s in grid()) if r is not None]
+        prev = json.loads(RESULTS.read_text())["meta"] if RESULTS.exists() else {}
+        meta = dict(prev, cases=len(results), collected=True)
+        RESULTS.write_text(json.dumps({"meta": meta, "summary": summary(results), "cases": sorted(
+            results, key=lambda r: r["key"])}, indent=1) + "\n")
+        TABLE.write_text(write_table(sorted(results, key=lambda r: r["key"]), meta))
+        print(json.dumps(summary(results), indent=1))
+        return 0
     if args.workers > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(args.workers) as pool:
-            for r in pool.imap_unordered(_worker, [(s, cache) for s in specs]):
+            for r in pool.imap_unordered(_worker, [(s, cache, routes) for s in specs]):
                 results.append(r)
                 print(f"[{time.perf_counter() - t0:7.0f} s] {r['key']}: " + (
                     r.get("error") or json.dumps({k: {m: r['routes'][k].get(m) for m in ('n_true', 'n_flagged', 'precision', 'recall', 'auc', 'class_correct', 'listed_marked_share')} for k in r['routes']})), flush=True)
     else:
         for s in specs:
-            r = _worker((s, cache))
+            r = _worker((s, cache, routes))
             results.append(r)
             print(f"[{time.perf_counter() - t0:7.0f} s] {r['key']}: " + (r.get("error") or "ok"), flush=True)
     wall = time.perf_counter() - t0
@@ -281,7 +310,7 @@ def main(argv=None) -> int:
     meta = {"wall_s": wall, "workers": args.workers, "cases": len(good), "errors": len(bad),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
             "subset": args.only}
-    if not args.only:
+    if not args.only and not args.arch:
         RESULTS.write_text(json.dumps({"meta": meta, "summary": summary(good), "cases": good}, indent=1) + "\n")
         TABLE.write_text(write_table(good, meta))
     print(json.dumps(summary(good), indent=1))

@@ -512,7 +512,8 @@ def mediated_class_effects(model: Any, src: Any, transform: Callable, chosen: Ma
     On ``n`` seeded samples the transform changes: ``a_i = z(T x_i) - z(T x_i with the chosen components
     patched back to their values on x_i)`` and the same ``q_i`` for a placebo edit ``P x_i`` (content of other
     images on the changed pixels); logits are centred over classes. Per class the paired mean of
-    ``a_i - q_i`` with a one-sided t-test (``z`` = its t statistic); rows ranked by ``z``, BH at ``fdr``.
+    ``a_i - q_i`` (``mediated``, in logits) with a one-sided t-test (``z`` = its t statistic, BH at ``fdr``
+    gives ``relies``); rows ranked by ``mediated`` (how much, not how consistently).
     """
     from scipy import stats
 
@@ -582,12 +583,13 @@ def mediated_class_effects(model: Any, src: Any, transform: Callable, chosen: Ma
     p = torch.tensor(stats.t.sf(t.numpy(), N - 1), dtype=torch.float64)
     half = float(stats.t.ppf(0.975, N - 1)) * sd / math.sqrt(N)
     rej, qv = benjamini_hochberg(p, fdr)
+    rej &= m > 0
     rows = []
     for k in range(d.shape[1]):
         rows.append(dict(cls=k, name=classes[k] if classes is not None and k < len(classes) else str(k),
                          mediated=float(m[k]), mediated_low=float(m[k] - half[k]), mediated_high=float(m[k] + half[k]),
                          z=float(t[k]), p_value=float(p[k]), q_value=float(qv[k]), relies=bool(rej[k])))
-    rows.sort(key=lambda r: (-r["z"], r["cls"]))
+    rows.sort(key=lambda r: (-r["mediated"], r["cls"]))
     for i, r in enumerate(rows):
         r["rank"] = i + 1
     return rows
@@ -613,6 +615,9 @@ class AuditReport:
         relevance_share: for ``target``: the share of positive relevance carried by flagged vs other
             components; ``agreement``: counts of flagged/causal agreement.
         method: what was computed (null sizes, images, fallbacks), for the record.
+        samples: ``{"layer:component": [...]}`` the data behind each listed component (the flagged ones,
+            or the best-ranked ones when nothing was flagged): sample ``id``, its ``relevance``, activation
+            ``peak`` and receptive-field ``box`` (y0, x0, y1, x1), ``changed_by_transform``.
     """
 
     spurious: list[str]
@@ -626,6 +631,7 @@ class AuditReport:
     agreement: dict[str, int] | None = None
     probe_kinds: dict[str, str] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def ranked(self) -> list[dict[str, Any]]:
@@ -662,7 +668,7 @@ class AuditReport:
                 "fdr": self.fdr, "target": self.target, "relevance_share": self.relevance_share,
                 "components": self.to_records(), "flagged": [dict(r) for r in self.flagged],
                 "classes": self.classes, "affected": self.affected, "agreement": self.agreement,
-                "method": self.method}
+                "method": self.method, "samples": self.samples}
 
     def __len__(self) -> int:
         return len(self.components)
@@ -1073,21 +1079,26 @@ def run_audit(lens: Any, valid: Any, spurious: Any, relevance: Any = None, targe
                 if k < res.class_delta.numel():
                     r.update(causal_delta=float(res.class_delta[k]), causal_low=float(res.class_low[k]),
                              causal_high=float(res.class_high[k]))
-    # ---- the data behind it
+    # ---- the data behind it (on copies: the component rows keep only the listed ids)
+    samples: dict[str, list[dict[str, Any]]] = {}
+    picked = {i: dict(rows[i]) for i in pick}
     if model is not None and src is not None:
         cls = target if target is not None else (classes_out[0]["cls"] if classes_out else None)
-        picked_rows = [rows[i] for i in pick]
-        _data_behind(model, src, picked_rows, names, cls, top=top, pool_size=reference_pool, seed=seed + 11,
-                     transforms={p.name: p.transform for p in sprobes if p.transform is not None},
+        _data_behind(model, src, list(picked.values()), names, cls, top=top, pool_size=reference_pool,
+                     seed=seed + 11, transforms={p.name: p.transform for p in sprobes if p.transform is not None},
                      progress=progress)
+        for i, pr in picked.items():
+            rows[i]["top_samples"] = pr.get("top_samples", rows[i].get("top_samples", []))
+            if "unchanged_share" in pr:
+                rows[i]["unchanged_share"] = pr["unchanged_share"]
+            samples[f"{pr['layer']}:{pr['component']}"] = pr.get("samples", [])
         method["samples"] = {"class": cls, "pool": reference_pool, "top": top,
                              "ranking": "relevance of the component for the class (CRP reference samples)"}
-    flagged_rows = sorted([r for r in rows if r["flagged"]], key=lambda r: r["rank"])
-    agreement = None
-    if inter:
-        agreement = agree
+    flagged_rows = sorted([picked.get(i, dict(r)) for i, r in enumerate(rows) if r["flagged"]],
+                          key=lambda r: r["rank"])
+    agreement = agree if inter else None
     return AuditReport(list(sp), list(va), rows, flagged_rows, fdr, target, share, classes_out, agreement,
-                       {p.name: p.kind for p in sprobes + vprobes}, method)
+                       {p.name: p.kind for p in sprobes + vprobes}, method, samples)
 
 
 def _changed_pixels(T: Callable, raw: torch.Tensor, name: str) -> torch.Tensor:

@@ -97,6 +97,25 @@ class _Layer:
     boxes: torch.Tensor | None = None
 
 
+def _check_vectors(q: torch.Tensor, what: str, texts: Sequence[str] | None = None) -> None:
+    """Refuse probe vectors that are zero or not finite (they would score 0.0 / NaN against everything)."""
+    bad = ~torch.isfinite(q).all(1)
+    zero = q.abs().amax(1) == 0 if q.numel() else torch.zeros(0, dtype=torch.bool)
+    for i in (bad | zero).nonzero().flatten().tolist():
+        name = f" {texts[i]!r}" if texts is not None and i < len(texts) else ""
+        raise ArgumentError(f"{what}{name} (row {i}) is {'not finite' if bool(bad[i]) else 'a zero vector'}: it "
+                            "cannot be compared by cosine; give a non-empty query")
+
+
+def _number(v: Any, what: str, allow_none: bool = True) -> float | None:
+    """A finite number (not a bool, not a string), or None when allowed."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise ArgumentError(f"{what} must be a finite number{' or None' if allow_none else ''}, got {v!r}")
+    return float(v)
+
+
 def _is_texts(q: Any) -> bool:
     return isinstance(q, str) or (isinstance(q, (list, tuple)) and len(q) > 0 and all(isinstance(x, str) for x in q))
 
@@ -320,9 +339,19 @@ class Lens:
         if isinstance(templates, str):
             templates = [templates]
         templates = tuple(templates)
+        import string
+
         for t in templates:
             if not isinstance(t, str) or "{}" not in t:
                 raise ArgumentError(f"templates must be strings with a '{{}}' placeholder (e.g. 'a photo of {{}}'), got {t!r}")
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+            except ValueError as exc:
+                raise ArgumentError(f"templates: {t!r} is not a valid format string ({exc}); use exactly one '{{}}' "
+                                    "placeholder and write literal braces as '{{{{' and '}}}}'") from None
+            if fields != [""]:
+                raise ArgumentError(f"templates: {t!r} must have exactly one '{{}}' placeholder (no names, no indices, "
+                                    f"no second placeholder); it has {len(fields)}: {fields}")
         return templates
 
     def _need_fm(self, modality: str):
@@ -347,6 +376,9 @@ class Lens:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ArgumentError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            if not t.strip():
+                raise ArgumentError(f"texts[{i}] is empty or whitespace ({t!r}): a text probe needs words (its "
+                                    "null-subtracted probe would be a zero vector)")
         fm = self._need_fm("text")
         tpl = self.templates if templates is None else self._check_templates(templates)
         if not tpl:
@@ -357,7 +389,9 @@ class Lens:
         if null_subtract:
             empty = fm.encode_texts([t.format("") for t in tpl]).float()
             emb = emb - empty.unsqueeze(0)
-        return emb.mean(1)
+        out = emb.mean(1)
+        _check_vectors(out, "the text probe", texts)
+        return out
 
     def embed(self, query: Any, modality: str | None = None, templates: Sequence[str] | None = None) -> torch.Tensor:
         """Any query -> probe embeddings ``[Q, d]``.
@@ -389,11 +423,14 @@ class Lens:
                 raise ShapeError(f"embedding queries must be [Q, {self.dim}] or [{self.dim}], got shape {tuple(q.shape)}")
             if q.shape[0] == 0:
                 raise ArgumentError("the query is empty (0 embeddings)")
-            return q.float()
+            q = q.float()
+            _check_vectors(q, "the embedding query")
+            return q
         fm = self._need_fm("image")
         q = fm.encode_images(query).float()
         if q.shape[0] == 0:
             raise ArgumentError("the query is empty (0 images)")
+        _check_vectors(q, "the image query")
         return q
 
     # ------------------------------------------------------------------ search
@@ -465,8 +502,7 @@ class Lens:
         """
         names = self._resolve_layers(layers)
         vocab, P = self._vocab(vocabulary, templates)
-        if threshold is not None and not isinstance(threshold, (int, float)):
-            raise ArgumentError(f"threshold must be a number or None, got {threshold!r}")
+        threshold = _number(threshold, "threshold")
         best, score, ru, margin = {}, {}, {}, {}
         for n in names:
             e = self._layers[n].embeddings
@@ -524,8 +560,8 @@ class Lens:
         With ``vocabulary``: both sides are labelled (:meth:`label`) and ``concepts`` lists
         per label ``n_a``, ``n_b`` and ``status`` (``shared`` / ``only A`` / ``only B``).
         """
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
-            raise ArgumentError(f"threshold must be a number, got {threshold!r}")
+        threshold = _number(threshold, "threshold", allow_none=False)
+        label_threshold = _number(label_threshold, "label_threshold")
         if not isinstance(other, Lens):
             other = Lens(other, self.fm, templates=self.templates, check_foundation=False)
         if other.dim != self.dim:
@@ -628,6 +664,8 @@ class Lens:
         ``relevance`` the ``top`` components most relevant for the class (see :meth:`audit`
         for the accepted relevance forms)."""
         layer = self._resolve_layers(layer, "layer")[0]
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ArgumentError(f"top must be an int >= 1, got {top!r}")
         lay = self._layers[layer]
         C = int(lay.embeddings.shape[0])
         n_empty = int((~(lay.embeddings != 0).any(1)).sum())
@@ -644,7 +682,7 @@ class Lens:
         if relevance is not None:
             r = self._relevance(relevance, layer, target, C)
             names = labels.names(layer) if labels is not None else None
-            order = torch.sort(r, descending=True, stable=True).indices[:top].tolist()
+            order = torch.sort(torch.nan_to_num(r, nan=-float("inf")), descending=True, stable=True).indices[:top].tolist()
             top_rel = [dict(component=c, relevance=float(r[c]), label=names[c] if names else "",
                             clarity=float(clar[c]) if clar is not None else float("nan")) for c in order]
         return LayerSummary(layer, C, n_empty, clar, poly, red, labels.counts(layer) if labels is not None else None,
@@ -661,9 +699,19 @@ class Lens:
         if r.dim() == 2:
             if target is None:
                 raise ArgumentError(f"relevance of layer {layer!r} is [n_classes, C] = {tuple(r.shape)}; give target= the class index")
-            r = r[int(target)]
+            if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < r.shape[0]:
+                raise ArgumentError(f"target must be a class index in 0..{r.shape[0] - 1} (relevance of layer {layer!r} "
+                                    f"has {r.shape[0]} classes), got {target!r}")
+            r = r[target]
         if r.dim() != 1 or r.shape[0] != C:
             raise ShapeError(f"relevance of layer {layer!r} must be [C={C}] (or [n_classes, {C}] with target), got {tuple(r.shape)}")
+        bad = ~torch.isfinite(r)
+        if bool(bad.any()):
+            import warnings
+
+            warnings.warn(f"relevance of layer {layer!r}: {int(bad.sum())} non-finite values (NaN/inf) are left out",
+                          RuntimeWarning, stacklevel=3)
+            r = torch.where(bad, torch.full_like(r, float("nan")), r)
         return r
 
     # ------------------------------------------------------------------ audit
