@@ -7,6 +7,7 @@ namespace py = pybind11;
 
 void register_topk(py::module_& m);
 void register_similarity(py::module_& m);
+void register_sae(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "semlens_fast C++ CPU kernels (OpenMP, SIMD level chosen at run time)";
@@ -22,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
     }, "Lower the SIMD level (for tests); returns the level in force.");
     register_topk(m);
     register_similarity(m);
+    register_sae(m);
 }

@@ -7,7 +7,10 @@ Run ``semlens COMMAND --help`` for each command. All commands take ``--run DIR``
 Exit codes: 0 success; 1 unexpected error (``--debug`` shows the traceback); 2 bad
 arguments or input; 3 a needed artifact or data set is missing (the message says what to
 run); 4 artifacts that do not belong together or are damaged; 5 ``audit --fail-on-flagged``
-flagged components.
+flagged components; 6 another semlens process is writing the run folder.
+
+A run folder that names ``package.module:function`` factories is code: commands call them
+only with ``--trust`` or when they are listed in ``$XDG_CONFIG_HOME/semlens/trusted-factories``.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ from typing import Any, Callable
 
 from ._version import __version__
 
-EXIT_OK, EXIT_ERROR, EXIT_ARGS, EXIT_MISSING, EXIT_MISMATCH, EXIT_FLAGGED = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_ERROR, EXIT_ARGS, EXIT_MISSING, EXIT_MISMATCH, EXIT_FLAGGED, EXIT_BUSY = 0, 1, 2, 3, 4, 5, 6
 DEFAULT_RUN = "semlens-demo"
+MAX_IMAGE_PIXELS = 50_000_000   # probe images larger than this are refused (decompression bombs)
+MAX_IMAGE_BYTES = 256 << 20
+MAX_VOCAB_BYTES = 16 << 20
 
 
 class CommandError(Exception):
@@ -63,7 +69,38 @@ def _list(values: list[str] | None) -> list[str]:
 def _open(args: argparse.Namespace):
     from .workspace import Run
 
-    return Run.open(args.run)
+    return Run.open(args.run, trust=getattr(args, "trust", False))
+
+
+def _load_image(path: str | Path, what: str, alpha: bool = False) -> Any:
+    """An RGB PIL image from ``path`` (RGBA when ``alpha`` and the file has transparency); missing files
+    exit 3, anything that is not a readable image of at most MAX_IMAGE_PIXELS pixels exits 2."""
+    import warnings
+
+    from PIL import Image
+
+    p = Path(path)
+    try:
+        ok = p.is_file()
+        size = p.stat().st_size if ok else 0
+    except OSError as exc:
+        raise CommandError(f"{what} {str(path)[:100]!r} cannot be used: {exc.strerror or exc}") from None
+    if not ok:
+        raise CommandError(f"{what} {p} does not exist (or is not a file)", EXIT_MISSING)
+    if size == 0 or size > MAX_IMAGE_BYTES:
+        raise CommandError(f"{what} {p} is {'empty' if size == 0 else f'{size} bytes, too large'}; expected an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(p)
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+                raise CommandError(f"{what} {p} is {w}x{h} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are accepted")
+            return im.convert("RGBA") if alpha and im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
+    except CommandError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CommandError(f"{what} {p} is not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 # ---------------------------------------------------------------------- commands
@@ -85,9 +122,11 @@ def _spec(value: str, what: str) -> dict[str, Any]:
                "digits": {"kind": "digits", "split": "train"}}
     if what == "--data" and value in builtin:
         return builtin[value]
-    if ":" not in value:
+    from .workspace import _TARGET
+
+    if ":" not in value or not _TARGET.match(value):
         choices = ", ".join(builtin) + " or " if what == "--data" else ""
-        raise CommandError(f"{what} must be {choices}package.module:function (called with no arguments), got {value!r}")
+        raise CommandError(f"{what} must be {choices}package.module:function (called with no arguments), got {value[:100]!r}")
     return {"kind": "factory", "target": value}
 
 
@@ -98,10 +137,25 @@ def cmd_collect(args: argparse.Namespace) -> int:
     layers = _list(args.layers)
     if not layers:
         raise CommandError("--layers: name at least one layer (model.named_modules() names, comma-separated)")
-    run = Run.create(args.run, _spec(args.model, "--model"), _spec(args.data, "--data"))
+    # the specs on the command line are the user's own: trusted for this call; run.json is
+    # written only once they resolved (a mistyped --model leaves nothing behind)
+    run = Run.create(args.run, _spec(args.model, "--model"), _spec(args.data, "--data"), trust=True, write=False)
+    try:
+        with run.writing():
+            _collect_locked(args, run, layers, collect, store_digest)
+    except BaseException:
+        run.discard()
+        raise
+    return EXIT_OK
+
+
+def _collect_locked(args: argparse.Namespace, run: Any, layers: list[str], collect: Callable, store_digest: Callable) -> None:
     model, ds = run.model(), run.data()
+    if args.k > len(ds):
+        raise CommandError(f"--k {args.k} is larger than the data set ({len(ds)} samples); give at most {len(ds)}")
     if run.classes is None and getattr(ds, "classes", None):
-        run.manifest["classes"] = list(ds.classes)
+        run.manifest["classes"] = [str(c) for c in ds.classes]
+    run.commit()
     from .errors import StoreError
 
     try:
@@ -110,23 +164,23 @@ def cmd_collect(args: argparse.Namespace) -> int:
     except StoreError as exc:
         msg = str(exc).replace("collect(..., overwrite=True)", "--overwrite")
         raise CommandError(msg, EXIT_MISMATCH) from None
-    run.record("collect", layers=layers, k=args.k, pool=args.pool, lists_sha256=store_digest(store))
+    run.update(stages={"collect": dict(layers=layers, k=args.k, pool=args.pool, lists_sha256=store_digest(store))},
+               classes=run.manifest.get("classes"))
     rows = [{"layer": n, "components": store[n].channels, "k": store[n].k,
              "filled": int((store[n].ids >= 0).sum()), "nan_excluded": int(store[n].nan_counts.sum())} for n in layers]
     from .lens import _table
 
     _emit(args, {"run": str(run.path), "layers": rows},
           lambda: f"collected into {run.topk_path}\n" + _table(rows, ["layer", "components", "k", "filled", "nan_excluded"]))
-    return EXIT_OK
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .concepts import build_concept_db
-    from .workspace import parse_fm
+    from .workspace import concepts_digest, parse_fm
 
+    spec = parse_fm(args.fm)
     run = _open(args)
     store = run.store()
-    spec = parse_fm(args.fm)
     if spec["kind"] == "aligned":
         prev = run.stage("foundation") or {}
         spec = prev.get("fm", {"kind": "aligned"})
@@ -138,7 +192,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     db = build_concept_db(store, fm, run.data(), layers, mode=args.mode, path=run.concepts_path,
                           cache=run.file("cache"), overwrite=True, progress=not args.no_progress,
                           dtype=getattr(torch, args.dtype), **kw)
-    run.record("embed", fm=spec, mode=args.mode, layers=list(db.layers))
+    run.record("embed", fm=spec, mode=args.mode, layers=list(db.layers), concepts_sha256=concepts_digest(db))
     if getattr(fm, "image_base", None) is not None and args.mode != "text":
         # audits with image probes use the vision model's space: the same crops, from the shared cache
         from .workspace import build_vision_db
@@ -155,29 +209,28 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from ._io import read_json, write_json
+    from .workspace import RunMismatchError, read_artifact
 
     run = _open(args)
     if not args.query and not args.image:
         raise CommandError("search: give a text QUERY and/or --image PATH")
+    queries: list[tuple[str, Any]] = [(f"text: {q}", q) for q in args.query]
+    for p in args.image or []:
+        queries.append((f"image: {p}", _load_image(p, "--image")))
     lens = run.lens()
     layers = _list(args.layers) or None
     results = []
-    queries: list[tuple[str, Any]] = [(f"text: {q}", q) for q in args.query]
-    for p in args.image or []:
-        if not Path(p).is_file():
-            raise CommandError(f"--image {p} does not exist", EXIT_MISSING)
-        queries.append((f"image: {p}", Image.open(p).convert("RGB")))
     for name, q in queries:
         res = lens.search(q if isinstance(q, str) else [q], k=args.k, layers=layers, per_layer=args.per_layer)
         rows = [dict(rank=r["rank"], layer=r["layer"], component=r["component"], score=r["score"]) for r in res.to_records()]
         results.append({"query": name, "rows": rows})
-    f = run.file("searches.json")
-    prev = read_json(f) if f.exists() else {}
-    keep = prev.get("searches", []) if prev.get("run_id") == run.id else []
-    write_json(f, {"run_id": run.id, "searches": (keep + results)[-20:]})
+    try:
+        prev = read_artifact(run, "searches.json") or {}
+    except RunMismatchError as exc:  # a damaged search history is replaced, not trusted
+        print(f"semlens search: note: {exc}; starting a new search history", file=sys.stderr)
+        prev = {}
+    keep = prev.get("searches", []) if isinstance(prev, dict) and isinstance(prev.get("searches"), list) else []
+    run.write_json("searches.json", {"run_id": run.id, "searches": (keep + results)[-20:]})
     from .lens import _table
 
     _emit(args, results, lambda: "\n\n".join(r["query"] + "\n" + _table(r["rows"], ["rank", "layer", "component", "score"])
@@ -189,9 +242,21 @@ def _vocab(args: argparse.Namespace) -> list[str]:
     vocab = _list(args.vocab)
     if args.vocab_file:
         p = Path(args.vocab_file)
-        if not p.is_file():
-            raise CommandError(f"--vocab-file {p} does not exist", EXIT_MISSING)
-        vocab += [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        try:
+            if not p.is_file():
+                raise CommandError(f"--vocab-file {p} does not exist", EXIT_MISSING)
+            if p.stat().st_size > MAX_VOCAB_BYTES:
+                raise CommandError(f"--vocab-file {p} is larger than {MAX_VOCAB_BYTES >> 20} MB; expected one label per line")
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise CommandError(f"--vocab-file {str(p)[:100]!r} cannot be read: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CommandError(f"--vocab-file {p} is not UTF-8 text; expected one label per line") from None
+        if "\x00" in text:
+            raise CommandError(f"--vocab-file {p} is a binary file; expected one label per line")
+        vocab += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     return vocab
 
 
@@ -214,18 +279,11 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def _labels(run: Any, strict: bool = True) -> Any:
-    """labels.json of this run (None if absent; another run's: an error, or None with strict=False)."""
-    from ._io import read_json
+    """labels.json of this run (None if absent; another run's: an error, or None with strict=False;
+    a damaged one: an error)."""
+    from .workspace import load_labels
 
-    f = run.file("labels.json")
-    if not f.exists():
-        return None
-    data = read_json(f)
-    if data.get("run_id") != run.id:
-        if not strict:
-            return None
-        raise CommandError(f"{f} belongs to another run; run `semlens label --run {run.path} ...` again", EXIT_MISMATCH)
-    return data
+    return load_labels(run, other_run_ok=not strict)
 
 
 class _StoredLabels:
@@ -274,7 +332,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     run = _open(args)
     lens = run.lens()
-    other = Run.open(args.other).lens() if args.other else lens
+    other = Run.open(args.other, trust=args.trust).lens() if args.other else lens
     if args.other is None and not args.other_layers:
         raise CommandError("compare: give --other RUN (another run folder) and/or --other-layers (compare layers of this run)")
     vocab = _vocab(args) or None
@@ -307,13 +365,7 @@ def _audit_probe(item: str, what: str) -> tuple[str, str, Any]:
         return out
 
     def load(p: Path) -> Any:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(p) as im:
-                return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise CommandError(f"{what}: {p} is not a readable image ({exc})") from None
+        return _load_image(p, f"{what}: image", alpha=True)
 
     if item.startswith("image:"):
         ps = paths(item[6:])
@@ -452,13 +504,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+MAX_INT_ARG = 1 << 31
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int in 1 .. 2**31 (argparse turns the ValueError into exit 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text[:40]!r}") from None
+    if not 1 <= v <= MAX_INT_ARG:
+        raise argparse.ArgumentTypeError(f"expected a whole number in 1..{MAX_INT_ARG}, got {text[:40]}")
+    return v
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite float."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text[:40]}")
+    return v
+
+
+# commands that write into the run folder they read: main() holds the folder's write lock for them
+# (collect and demo take it themselves, once the folder is known to be theirs)
+_WRITERS = {"embed", "search", "label", "audit", "report"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="semlens",
         description="semlens_fast: explain neural networks by mapping their components into a foundation model's "
                     "space. Start with `semlens demo`; then every command works on the demo's run folder.",
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad arguments/input, 3 missing artifact or data, "
-               "4 artifacts that do not belong together, 5 audit --fail-on-flagged found components.",
+               "4 artifacts that do not belong together or are damaged, 5 audit --fail-on-flagged found components, "
+               "6 another semlens process is writing the run folder.",
     )
     p.add_argument("--version", action="version", version=f"semlens_fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -468,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
         if run:
             sp.add_argument("--run", default=os.environ.get("SEMLENS_RUN", DEFAULT_RUN),
                             help=f"run folder (default $SEMLENS_RUN or {DEFAULT_RUN})")
+            sp.add_argument("--trust", action="store_true",
+                            help="call the package.module:function factories the run folder names (they are code: "
+                                 "use it only for run folders you trust; or list them in "
+                                 "$XDG_CONFIG_HOME/semlens/trusted-factories)")
         sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
         sp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -479,17 +566,17 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_demo)
     d.add_argument("--fresh", action="store_true", help="delete the run folder first (recompute everything)")
     d.add_argument("--no-report", action="store_true", help="skip the HTML report")
-    d.add_argument("--steps", type=int, default=800, help="training steps of the CNN (default 800)")
+    d.add_argument("--steps", type=_positive_int, default=800, help="training steps of the CNN (default 800)")
 
     c = add("collect", "track the top-k most-activating samples of every component of some layers", cmd_collect)
     c.add_argument("--model", required=True, help="package.module:function returning the nn.Module")
     c.add_argument("--data", required=True, help="fashion-mnist, fashion-mnist-test, digits, or package.module:function "
                                                   "returning a dataset (ds[i] is an input or (input, label))")
     c.add_argument("--layers", action="append", required=True, help="layer names (model.named_modules()), comma-separated")
-    c.add_argument("--k", type=int, default=20, help="examples per component (default 20)")
+    c.add_argument("--k", type=_positive_int, default=20, help="examples per component (default 20)")
     c.add_argument("--pool", default="max", choices=["max", "mean", "absmax", "sum"], help="spatial/token pooling")
-    c.add_argument("--batch-size", type=int, default=256)
-    c.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints (a killed run resumes)")
+    c.add_argument("--batch-size", type=_positive_int, default=256)
+    c.add_argument("--checkpoint-every", type=_positive_int, default=100, help="batches between checkpoints (a killed run resumes)")
     c.add_argument("--overwrite", action="store_true", help="replace a top-k store of another model/data/k")
 
     e = add("embed", "embed each component's top examples with a foundation model (the ConceptDB)", cmd_embed)
@@ -503,14 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("search", "find the components closest to a text or an image", cmd_search)
     s.add_argument("query", nargs="*", help="text queries")
     s.add_argument("--image", action="append", help="image file(s) as probes")
-    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--k", type=_positive_int, default=10)
     s.add_argument("--layers", action="append")
     s.add_argument("--per-layer", action="store_true", help="rank within each layer")
 
     lb = add("label", "label every component with the closest concept of a vocabulary", cmd_label)
     lb.add_argument("--vocab", action="append", help="labels, comma-separated")
     lb.add_argument("--vocab-file", help="file with one label per line")
-    lb.add_argument("--threshold", type=float, default=None, help="leave components below this score unlabelled")
+    lb.add_argument("--threshold", type=_finite_float, default=None, help="leave components below this score unlabelled")
     lb.add_argument("--layers", action="append")
 
     ds = add("describe", "summarise layers: labels, clarity, polysemanticity, redundancy, most relevant components",
@@ -522,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--other", help="the other run folder (same foundation model)")
     cp.add_argument("--layers", action="append")
     cp.add_argument("--other-layers", action="append")
-    cp.add_argument("--threshold", type=float, default=0.8, help="match score that counts as shared (default 0.8)")
+    cp.add_argument("--threshold", type=_finite_float, default=0.8, help="match score that counts as shared (default 0.8)")
     cp.add_argument("--vocab", action="append", help="also compare label counts over this vocabulary")
     cp.add_argument("--vocab-file")
 
@@ -548,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_validate)
     v.add_argument("--layer", required=True)
     v.add_argument("--keep", action="append", help="labels to keep (the rest is mean-ablated)")
-    v.add_argument("--samples", type=int, default=2000, help="samples tested (default 2000)")
+    v.add_argument("--samples", type=_positive_int, default=2000, help="samples tested (default 2000)")
     v.add_argument("--confidence", type=float, default=0.95)
 
     r = add("report", "write the HTML report of a run (grids, labels, audit, search results, concept map)", cmd_report)
@@ -563,10 +650,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(exc: BaseException) -> int | None:
     """The exit code of a known error, None for an unexpected one."""
-    from .errors import ArgumentError, DTypeError, SemlensError, StoreError
+    import errno
+
+    from .errors import ArgumentError, ConcurrentWriteError, DTypeError, SemlensError, StoreError
 
     if isinstance(exc, CommandError):
         return exc.code
+    if isinstance(exc, ConcurrentWriteError):
+        return EXIT_BUSY
+    if isinstance(exc, OSError) and exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR,
+                                                  errno.EACCES, errno.EPERM, errno.EROFS):
+        return EXIT_ARGS  # a path the user gave that the OS cannot use
     from .workspace import MissingArtifactError
 
     if isinstance(exc, MissingArtifactError):
@@ -588,6 +682,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     try:
+        writes = args.command in _WRITERS or (args.command == "describe" and args.target is not None)
+        if writes and getattr(args, "run", None) is not None:
+            from .workspace import Run, check_path
+
+            p = check_path(args.run)
+            if (p / "run.json").is_file():
+                with Run(p, {}).writing():
+                    return int(args.fn(args))
         return int(args.fn(args))
     except KeyboardInterrupt:
         print("semlens: interrupted", file=sys.stderr)

@@ -53,11 +53,13 @@ checkpointed every ``checkpoint_every`` batches, and resumes an interrupted run
 from __future__ import annotations
 
 import contextlib
-import difflib
+import functools
 import hashlib
 import inspect
 import logging
 import math
+import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -68,8 +70,9 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from . import __version__
-from ._io import hash_tensors
-from .errors import ArgumentError, DTypeError, ShapeError, StoreError
+from ._io import ensure_dir, hash_tensors, locked
+from .errors import ArgumentError, DeviceError, DTypeError, SemlensError, ShapeError, StoreError
+from .layers import expand_layers, per_layer, split_input
 from ._batch import default_forward, first_tensor, to_device
 from .ops import POOLS, TopKState, pool_topk_update, topk_update
 from .store import (
@@ -98,36 +101,95 @@ class _StopForward(Exception):
     """Raised from the hook of the last requested layer to cut the forward pass short."""
 
 
+class ModelInputError(ArgumentError):
+    """The model cannot run on what the data set yields (wrong type, channels or shape)."""
+
+
+def check_device(device: Any, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that can run here; anything else raises :class:`DeviceError`."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise DeviceError(f"{what} must be a device string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DeviceError(f"{what} {device!r} is not a device ({str(exc).splitlines()[0][:120]}); use 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "meta":
+        raise DeviceError(f"{what} {device!r}: meta tensors hold no data; collect needs a real device ('cpu' or 'cuda')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{what} {device!r}: CUDA is not available on this machine; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{what} {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError(f"{what} {device!r}: MPS is not available on this machine; use 'cpu'")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as exc:  # noqa: BLE001 - any backend failure means "not usable here"
+            raise DeviceError(f"{what} {device!r} cannot be used here: {str(exc).splitlines()[0][:120]}") from None
+    return dev
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {list(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_describe(v) for v in x[:3])
+        return f"{type(x).__name__} of {len(x)} [{inner}{', ...' if len(x) > 3 else ''}]"
+    if isinstance(x, Mapping):
+        return "dict {" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in list(x.items())[:4]) + "}"
+    return type(x).__name__
+
+
+def _failing_module(model: nn.Module, run_forward: Callable, batch: Any) -> tuple[str, str] | None:
+    """Re-run a failed forward with pre-hooks to find the module it failed in: (name, its inputs)."""
+    last: list[tuple[str, str]] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(module: nn.Module, inputs: Any) -> None:
+        last.append((names.get(module, type(module).__name__) or "<model>", _describe(inputs[0] if len(inputs) == 1 else inputs)))
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    try:
+        with contextlib.suppress(Exception):
+            run_forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return last[-1] if last else None
+
+
+_LOCKS = threading.local()
+
+
+def _holds_store_lock(fn: Callable) -> Callable:
+    """Let ``fn`` take the store's write lock part-way (after validating its arguments) and
+    release it whichever way it returns."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        prev = getattr(_LOCKS, "stack", None)
+        with contextlib.ExitStack() as stack:
+            _LOCKS.stack = stack
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _LOCKS.stack = prev
+
+    return wrapper
+
+
 # ---------------------------------------------------------------------- layer & pool specs
 
 
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> dict[str, nn.Module]:
-    """Map layer names (as ``model.named_modules()`` gives them) to modules.
+    """Map layer names (as ``model.named_modules()`` gives them), globs (``"encoder.layer.*.intermediate"``)
+    and ``name@input`` specs to modules; see :mod:`semlens_fast.layers`.
 
-    An unknown name raises :class:`ArgumentError` listing the closest real names.
+    An unknown name or a glob matching nothing raises :class:`ArgumentError` listing the closest real names.
     """
-    if isinstance(layers, str):
-        layers = [layers]
-    if not isinstance(layers, Sequence) or not layers:
-        raise ArgumentError(f"layers must be a module name or a non-empty list of names, got {layers!r}")
-    modules = dict(model.named_modules())
-    names = [n for n in modules if n]
-    out: dict[str, nn.Module] = {}
-    for name in layers:
-        if not isinstance(name, str):
-            raise ArgumentError(f"layers must hold module names (str), got {name!r} ({type(name).__name__})")
-        if name in out:
-            raise ArgumentError(f"layers lists {name!r} twice")
-        if name not in modules or name == "":
-            close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
-            if not close:  # e.g. "conv" vs "features.0": show names containing a part of it
-                close = [n for n in names if any(p and p in n for p in name.split("."))][:5] or names[:5]
-            raise ArgumentError(
-                f"layers: {name!r} is not a module of the model ({type(model).__name__}, "
-                f"{len(names)} named modules); closest names: {', '.join(repr(c) for c in close)}"
-            )
-        out[name] = modules[name]
-    return out
+    return expand_layers(model, layers)
 
 
 def _describe_callable(fn: Callable[..., Any]) -> str:
@@ -160,12 +222,7 @@ def _normalise_pool(spec: PoolSpec, layer: str) -> tuple[PoolSpec, str]:
 
 
 def _per_layer(spec: Any, names: Sequence[str], what: str, default: Any) -> dict[str, Any]:
-    if isinstance(spec, Mapping):
-        unknown = [n for n in spec if n not in names]
-        if unknown:
-            raise ArgumentError(f"{what} names layers {unknown} that are not in layers={list(names)}")
-        return {n: spec.get(n, default) for n in names}
-    return {n: spec for n in names}
+    return per_layer(spec, names, what, default)
 
 
 # ---------------------------------------------------------------------- per-layer collector
@@ -193,6 +250,19 @@ def _set_positions(state: TopKState, ids: torch.Tensor, pos: torch.Tensor) -> No
     state.positions[ch, slot] = p.to(torch.int32)
 
 
+def _check_state_memory(name: str, channels: int, k: int) -> None:
+    """Refuse a top-k state that cannot fit in memory (values f32 + ids i64 + positions i32)."""
+    need = channels * k * 16
+    try:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return
+    if need > avail:
+        raise ArgumentError(
+            f"k={k}: the top-k state of layer {name!r} ({channels} channels x {k}) needs {need / 2**30:.1f} GiB, more "
+            f"than this machine's {avail / 2**30:.1f} GiB; use a smaller k (at most the number of samples is useful)")
+
+
 class _Layer:
     def __init__(self, name: str, module: nn.Module, pool: PoolSpec, output: OutputSpec | None, k: int, strict_finite: bool):
         self.name = name
@@ -209,6 +279,7 @@ class _Layer:
         self._snap: list[torch.Tensor] | None = None
         self._nan_total = 0
         self._full = False
+        self.sae: Any = None
         if callable(pool) and not isinstance(pool, (str, int)):
             with contextlib.suppress(TypeError, ValueError):
                 self.pool_takes_mask = "mask" in inspect.signature(pool).parameters
@@ -269,8 +340,42 @@ class _Layer:
         if pos is not None:
             _set_positions(st, ids, pos)
 
+    def _update_sae(self, act: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """The layer's components are the latents of ``self.sae``: fused encode + pool + top-k."""
+        sae = self.sae
+        if act.dim() not in (2, 3) or act.shape[-1] != sae.d:
+            raise ShapeError(
+                f"layer {self.name!r}: the SAE {sae.name!r} reads [B, T, d] or [B, d] activations of width d = {sae.d} "
+                f"(W_enc {tuple(sae.W_enc.shape)}), but the layer's output has shape {tuple(act.shape)}"
+            )
+        B = act.shape[0]
+        if B != ids.shape[0]:
+            raise ShapeError(f"layer {self.name!r}: output has batch size {B} (shape {tuple(act.shape)}) but the batch has {ids.shape[0]} samples")
+        if self.state is None:
+            self.state = TopKState.empty(sae.L, self.k, act.device)
+            self.shape = list(act.shape[1:-1]) + [sae.L]
+            self.layout = "BTC" if act.dim() == 3 else "BC"
+            if sae.device != act.device:
+                self.sae = sae = sae.to(act.device)
+        if ids.device != act.device:
+            ids = ids.to(act.device)
+        if mask is not None and act.dim() == 3:
+            if tuple(mask.shape) != tuple(act.shape[:2]):
+                raise ShapeError(f"layer {self.name!r}: attention mask has shape {tuple(mask.shape)} but the tokens are {tuple(act.shape[:2])} [B, T]")
+            mask = mask.to(act.device, torch.bool)
+        else:
+            mask = None
+        if act.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            act = act.float()
+        before = int(self.state.nan_counts.sum())
+        sae.topk_update(self.state, act, ids, pool=self.pool, mask=mask)  # type: ignore[arg-type]
+        self._warn(int(self.state.nan_counts.sum()) - before)
+
     # -- main entry, called from the forward hook
     def update(self, out: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.sae is not None:
+            self._update_sae(self._select(out), ids, mask)
+            return
         act, layout, C = self._layout(self._select(out))
         B = act.shape[0]
         if B != ids.shape[0]:
@@ -279,6 +384,7 @@ class _Layer:
                 f"{ids.shape[0]} samples; collect needs the batch dimension first"
             )
         if self.state is None:
+            _check_state_memory(self.name, int(C), self.k)
             self.state = TopKState.empty(int(C), self.k, act.device)
             self.shape, self.layout = list(act.shape[1:]) if layout != "BCL" else [act.shape[1], act.shape[3]], layout
         elif self.state.channels != C:
@@ -546,6 +652,7 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------- collect
 
 
+@_holds_store_lock
 def collect(
     model: nn.Module,
     data: Dataset | DataLoader,
@@ -568,6 +675,7 @@ def collect(
     dataset_fp: str | None = None,
     distributed: bool | None = None,
     strict_finite: bool = False,
+    sae: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> TopKStore:
     """Stream ``data`` through ``model`` and keep the top-``k`` samples of every channel of ``layers``.
@@ -602,6 +710,10 @@ def collect(
             :mod:`semlens_fast.distributed`.
         strict_finite: also count ``-inf`` pooled values that cannot reach the top-k
             (one extra read of each activation).
+        sae: ``{layer or glob: SparseAutoencoder}``: the components of these layers are the SAE's
+            latents (fused :func:`~semlens_fast.ops.sae_topk_update`; pools ``max``/``mean``/``sum``;
+            the layer's output must be ``[B, T, d]`` or ``[B, d]`` with ``d`` the SAE's width).
+            Layers named here but not in ``layers`` are added.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -618,13 +730,27 @@ def collect(
         raise ArgumentError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ArgumentError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    if sae is not None and not isinstance(sae, Mapping):
+        raise ArgumentError(f"sae must be a mapping {{layer: SparseAutoencoder}}, got {type(sae).__name__}")
+    if sae:
+        extra = [n for n in sae if n not in ([layers] if isinstance(layers, str) else list(layers))]
+        layers = ([layers] if isinstance(layers, str) else list(layers)) + extra
     modules = resolve_layers(model, layers)
     names = list(modules)
+    saes = _per_layer(sae or {}, names, "sae", None)
+    for n, s_ in saes.items():
+        if s_ is None:
+            continue
+        if not all(hasattr(s_, a) for a in ("topk_update", "d", "L", "fingerprint")):
+            raise ArgumentError(f"sae for layer {n!r} must be a semlens_fast.sae.SparseAutoencoder, got {type(s_).__name__}")
     pools_raw = _per_layer(pool, names, "pool", "max")
     pools: dict[str, PoolSpec] = {}
     pool_desc: dict[str, str] = {}
     for n in names:
         pools[n], pool_desc[n] = _normalise_pool(pools_raw[n], n)
+    for n, s_ in saes.items():
+        if s_ is not None and pools[n] not in ("max", "mean", "sum"):
+            raise ArgumentError(f"pool for SAE layer {n!r} must be 'max', 'mean' or 'sum', got {pool_desc[n]!r}")
     outputs = _per_layer(output, names, "output", None)
     for n, fn in outputs.items():
         if fn is not None and not callable(fn):
@@ -655,7 +781,9 @@ def collect(
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+        if device.type == "meta":
+            raise DeviceError("model: its parameters are on the meta device (no data); load real weights or pass device=")
+    device = check_device(device)
     if autocast == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
         warnings.warn(
             "autocast=torch.bfloat16 on a CPU without bf16 instructions (avx512_bf16 / amx_bf16): "
@@ -672,6 +800,7 @@ def collect(
         "outputs": {n: (_describe_callable(f) if f is not None else "first_tensor") for n, f in outputs.items()},
         "k": k,
         "autocast": str(autocast) if autocast is not None else None,
+        **({"sae": {n: s_.describe() for n, s_ in saes.items() if s_ is not None}} if any(v is not None for v in saes.values()) else {}),
         "library_version": __version__,
     }
     if distributed:
@@ -702,6 +831,11 @@ def collect(
             if decision[0][0] == "error":
                 raise StoreError(decision[0][1])
             return TopKStore(decision[0][1], decision[0][2], final_path)
+    if path is not None and not ((path / "manifest.json").is_file() and not os.access(path, os.W_OK)):
+        # one writer per store folder: a second collect is refused, not mixed in (a read-only
+        # store can still be loaded when it is complete and matches)
+        ensure_dir(path, "store")
+        _LOCKS.stack.enter_context(locked(path, f"top-k store {path}"))
     batches: list[torch.Tensor] | None = None
     states: dict[str, TopKState] = {}
     done = 0
@@ -749,6 +883,8 @@ def collect(
     n_samples = int(sum(len(b) for b in batches))
 
     collectors = {n: _Layer(n, modules[n], pools[n], outputs[n], k, strict_finite) for n in names}
+    for n, s_ in saes.items():
+        collectors[n].sae = s_
     for n, st in states.items():
         collectors[n].state = st.to(device) if st.device != device else st
         collectors[n].shape = prev_meta.get("shapes", {}).get(n)
@@ -791,12 +927,13 @@ def collect(
 
     def make_hook(name: str):
         col = collectors[name]
+        reads_input = split_input(name)[1]
 
         def hook(module: nn.Module, inputs: Any, out: Any) -> None:
             if not ctx["active"] or name in ctx["fired"]:
                 return
             ctx["fired"].add(name)
-            col.update(out, ctx["ids"], ctx["mask"])
+            col.update(inputs if reads_input else out, ctx["ids"], ctx["mask"])
             if len(ctx["fired"]) == n_layers:
                 raise _StopForward
 
@@ -806,6 +943,7 @@ def collect(
     training = {m: m.training for m in model.modules()}
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
     loader = DataLoader(dataset, batch_sampler=_ListBatchSampler(batches[done:]), **loader_kwargs)
+    start = done
     amp = (lambda: torch.autocast(device_type=device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
     bar = tqdm(total=n_batches, initial=done, desc="collect", unit="batch", disable=not progress, leave=False)
     model.eval()
@@ -823,6 +961,19 @@ def collect(
                         run_forward(model, batch)
                 except _StopForward:
                     pass
+                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                    if bi != start or isinstance(exc, SemlensError):
+                        _note_checkpoint(exc, path, bi, done, n_batches)
+                        raise
+                    # the first batch of this call: the data most likely does not fit the model
+                    ctx["active"] = False
+                    where = _failing_module(model, run_forward, batch)
+                    loc = f" in module {where[0]!r} given {where[1]}" if where else ""
+                    raise ModelInputError(
+                        f"collect: the model fails on batch {bi} (samples {ids[:4].tolist()}{'...' if len(ids) > 4 else ''}){loc}: "
+                        f"{str(exc).splitlines()[0][:300]}. The data set yields {_describe(batch)}; check that it gives "
+                        "what the model expects (ds[i] is an input or (input, label); channels, dtype and size)"
+                    ) from exc
                 except BaseException as exc:
                     if path is not None and hasattr(exc, "add_note"):
                         exc.add_note(
@@ -857,6 +1008,12 @@ def collect(
         return _merge_distributed(res, names, k, final_path, rank, world, result_meta)
     checkpoint(True)
     return TopKStore(states, result_meta, path)
+
+
+def _note_checkpoint(exc: BaseException, path: Path | None, bi: int, done: int, n_batches: int) -> None:
+    if path is not None and hasattr(exc, "add_note"):
+        exc.add_note(f"collect: batch {bi} failed; store {path} keeps its last checkpoint "
+                     f"({done} of {n_batches} batches) and resumes from it")
 
 
 def _load_matching(path: Path, fingerprints: Mapping[str, Any]) -> TopKStore:

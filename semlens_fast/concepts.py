@@ -19,8 +19,12 @@ the whole dataset, and each embedding is cached in an :class:`EmbeddingCache` ke
 (crops differ, full images are shared) or adding a layer re-embeds only what is new.
 
 Files: a DB folder holds ``manifest.json`` (fingerprints of the TopKStore and of the
-foundation model, parameters) and one safetensors file, written crash-safely (new tensor
-file, then the manifest naming it). :meth:`ConceptDB.load` memory-maps the tensors.
+foundation model, parameters, the SHA-256 of the tensor file) and one safetensors file,
+written crash-safely (new tensor file, then the manifest naming it) under the folder's write
+lock. :meth:`ConceptDB.load` verifies the SHA-256 (one streamed read), lets the
+``safetensors`` library check the header, and memory-maps the tensors; a damaged file raises
+:class:`~semlens_fast.errors.StoreError`. Cache shards carry their SHA-256 in the cache
+manifest too; a damaged shard is dropped (with a warning) and its embeddings recomputed.
 """
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from ._io import hash_tensors, read_json, write_json, write_tensors
+from ._io import (
+    MissingFileError, check_writable, clean_temp, ensure_dir, hash_tensors, locked, open_safetensors, read_consistent, read_json,
+    write_json, write_tensors,
+)
 from .errors import ArgumentError, DTypeError, ShapeError, StoreError
 from .examples import ConceptExamples, ImageSource, concept_examples, crop, token_windows, window_texts
 
@@ -56,56 +62,16 @@ __all__ = ["ConceptDB", "LayerConcepts", "EmbeddingCache", "build_concept_db", "
 
 # ---------------------------------------------------------------------- safetensors, memory-mapped
 
-_ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
-
-def mmap_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def mmap_safetensors(path: str | os.PathLike, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors of a safetensors file as zero-copy views of a (copy-on-write) memory map.
 
-    Pages are read lazily by the OS; the map stays alive as long as a tensor refers to it.
-    Returns ``(tensors, metadata)``. A missing or truncated file raises :class:`StoreError`.
+    The header is parsed and validated by the ``safetensors`` library (``safe_open``);
+    pages are read lazily by the OS and the map stays alive as long as a tensor refers to it.
+    With ``sha256`` the file must match it. Returns ``(tensors, metadata)``. A missing,
+    truncated or malformed file raises :class:`StoreError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"missing tensor file {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        try:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little")
-            if len(head) != 8 or n <= 0 or 8 + n > size:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise StoreError(f"tensor file {path} is truncated or not a safetensors file: {exc}") from exc
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-    meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
-    out: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        dt = _ST_DTYPES.get(info["dtype"])
-        if dt is None:
-            raise StoreError(f"tensor file {path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        a, b = info["data_offsets"]
-        shape = list(info["shape"])
-        if base + b > size:
-            raise StoreError(f"tensor file {path} is truncated (tensor {name!r} ends at byte {base + b}, file has {size})")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel == 0:
-            out[name] = torch.empty(shape, dtype=dt)
-            continue
-        if dt == torch.bool:
-            t = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=base + a).view(torch.bool)
-        else:
-            t = torch.frombuffer(mm, dtype=dt, count=numel, offset=base + a)
-        out[name] = t.view(shape)
-    return out, meta
+    return open_safetensors(path, sha256=sha256)
 
 
 # ---------------------------------------------------------------------- the embedding cache
@@ -116,8 +82,11 @@ class EmbeddingCache:
 
     Folder layout: ``<root>/<kind>-<fingerprint[:32]>/manifest.json`` + shards
     ``emb-<seq>.safetensors`` (``keys [n, 5]`` int64 ``id, y0, x0, y1, x1``; ``emb [n, d]``).
-    A shard is written atomically before the manifest that lists it, so an interrupted run
-    keeps every shard it finished. ``kind`` separates images from text windows.
+    A shard is written atomically before the manifest that lists it (with its SHA-256), so an
+    interrupted run keeps every shard it finished; writers take the folder's lock and merge
+    with shards another process listed meanwhile. A shard that fails its checksum (or cannot
+    be read) is skipped with a warning, so its embeddings are computed again, never served
+    damaged. ``kind`` separates images from text windows.
     """
 
     def __init__(self, root: str | os.PathLike, fingerprint: str, dim: int, kind: str = "image",
@@ -145,14 +114,46 @@ class EmbeddingCache:
         if int(man.get("dim", -1)) != self.dim:
             raise ShapeError(f"embedding cache {self.path} holds {man.get('dim')}-d embeddings; the foundation model has dim {self.dim}")
         for sh in man.get("shards", []):
-            try:
-                t, _ = mmap_safetensors(self.path / sh["file"])
-                keys, emb = t["keys"], t["emb"]
-            except (StoreError, KeyError) as exc:
-                log.warning("embedding cache: skipping unreadable shard %s (%s)", sh.get("file"), exc)
-                continue
-            self._add_mem(keys, emb)
-            self._shards.append(sh)
+            if self._load_shard(sh):
+                self._shards.append(sh)
+
+    def _load_shard(self, sh: Any) -> bool:
+        try:
+            if not isinstance(sh, dict) or not isinstance(sh.get("file"), str) or Path(sh["file"]).name != sh["file"]:
+                raise StoreError(f"bad shard entry {str(sh)[:80]}")
+            t, _ = mmap_safetensors(self.path / sh["file"], sha256=sh.get("sha256"))
+            keys, emb = t["keys"], t["emb"]
+            if keys.dtype != torch.int64 or keys.dim() != 2 or keys.shape[1] != 5 or emb.shape != (len(keys), self.dim):
+                raise StoreError(f"keys {tuple(keys.shape)} / emb {tuple(emb.shape)} do not fit a {self.dim}-d cache")
+            if not emb.is_floating_point() or not bool(torch.isfinite(emb).all()):
+                raise StoreError("non-finite or non-float embeddings")
+        except (StoreError, KeyError) as exc:
+            log.warning("embedding cache %s: skipping damaged shard %s, its embeddings will be recomputed (%s)",
+                        self.path, sh.get("file") if isinstance(sh, dict) else sh, exc)
+            return False
+        self._add_mem(keys, emb)
+        return True
+
+    def _write_manifest(self) -> None:
+        write_json(self.path / MANIFEST, {
+            "format": CACHE_FORMAT, "fingerprint": self.fingerprint, "dim": self.dim, "kind": self.kind,
+            "dtype": str(self.dtype).replace("torch.", ""), "shards": self._shards, "library_version": __version__,
+        })
+
+    def _merge_from_disk(self) -> None:
+        """Take in shards another process listed since we read the manifest (holding the lock)."""
+        mpath = self.path / MANIFEST
+        if not mpath.exists():
+            return
+        try:
+            man = read_json(mpath)
+        except StoreError:
+            return
+        self._shards = [s for s in self._shards if (self.path / s["file"]).exists()]  # compacted away elsewhere
+        mine = {s["file"] for s in self._shards}
+        for sh in man.get("shards", []) if isinstance(man, dict) else []:
+            if isinstance(sh, dict) and sh.get("file") not in mine and self._load_shard(sh):
+                self._shards.append(sh)
 
     def _add_mem(self, keys: torch.Tensor, emb: torch.Tensor) -> None:
         base = self._count
@@ -186,37 +187,44 @@ class EmbeddingCache:
             raise ShapeError(f"emb must be [{len(keys)}, {self.dim}], got {tuple(emb.shape)}")
         keys = keys.to(torch.int64).contiguous()
         emb = emb.to(self.dtype).contiguous()
-        seq = max([int(s["file"][4:-12]) for s in self._shards], default=-1) + 1
-        fname = f"emb-{seq:08d}.safetensors"
-        write_tensors(self.path / fname, {"keys": keys, "emb": emb})
-        self._shards.append({"file": fname, "n": int(len(keys))})
-        write_json(self.path / MANIFEST, {
-            "format": CACHE_FORMAT, "fingerprint": self.fingerprint, "dim": self.dim, "kind": self.kind,
-            "dtype": str(self.dtype).replace("torch.", ""), "shards": self._shards, "library_version": __version__,
-        })
+        with locked(self.path, f"embedding cache {self.path}", timeout=60.0):
+            self._merge_from_disk()
+            used = {s["file"] for s in self._shards} | {p.name for p in self.path.glob("emb-*.safetensors")}
+            seq = max([_shard_seq(f) for f in used], default=-1) + 1
+            fname = f"emb-{seq:08d}.safetensors"
+            sha = write_tensors(self.path / fname, {"keys": keys, "emb": emb})
+            self._shards.append({"file": fname, "n": int(len(keys)), "sha256": sha})
+            self._write_manifest()
         self._add_mem(keys, emb)
 
     def compact(self) -> None:
         """Merge all shards into one (atomic)."""
         if len(self._shards) <= 1:
             return
-        items = sorted(self._keys.items(), key=lambda kv: kv[1])  # one row per key (the latest)
-        keys = torch.tensor([k for k, _ in items], dtype=torch.int64).view(-1, 5)
-        emb = self._all()[torch.tensor([r for _, r in items], dtype=torch.int64)].clone()
-        old = [s["file"] for s in self._shards]
-        self._shards, self._keys, self._emb, self._count = [], {}, [], 0
-        seq = max(int(f[4:-12]) for f in old) + 1
-        fname = f"emb-{seq:08d}.safetensors"
-        write_tensors(self.path / fname, {"keys": keys, "emb": emb})
-        self._shards = [{"file": fname, "n": int(len(keys))}]
-        write_json(self.path / MANIFEST, {
-            "format": CACHE_FORMAT, "fingerprint": self.fingerprint, "dim": self.dim, "kind": self.kind,
-            "dtype": str(self.dtype).replace("torch.", ""), "shards": self._shards, "library_version": __version__,
-        })
-        self._add_mem(keys, emb)
-        for f in old:
-            with contextlib.suppress(OSError):
-                (self.path / f).unlink()
+        with locked(self.path, f"embedding cache {self.path}", timeout=60.0):
+            self._merge_from_disk()
+            items = sorted(self._keys.items(), key=lambda kv: kv[1])  # one row per key (the latest)
+            keys = torch.tensor([k for k, _ in items], dtype=torch.int64).view(-1, 5)
+            emb = self._all()[torch.tensor([r for _, r in items], dtype=torch.int64)].clone()
+            old = [s["file"] for s in self._shards]
+            self._shards, self._keys, self._emb, self._count = [], {}, [], 0
+            seq = max(_shard_seq(f) for f in old) + 1
+            fname = f"emb-{seq:08d}.safetensors"
+            sha = write_tensors(self.path / fname, {"keys": keys, "emb": emb})
+            self._shards = [{"file": fname, "n": int(len(keys)), "sha256": sha}]
+            self._write_manifest()
+            self._add_mem(keys, emb)
+            for f in old:
+                with contextlib.suppress(OSError):
+                    (self.path / f).unlink()
+            clean_temp(self.path)
+
+
+def _shard_seq(name: str) -> int:
+    try:
+        return int(name[4:-12])
+    except ValueError:
+        return -1
 
 
 # ---------------------------------------------------------------------- aggregation
@@ -361,6 +369,11 @@ class ConceptDB:
         diff = [key for key in ("model", "dataset", "lists_sha256") if want.get(key) != got.get(key)]
         if diff:
             raise StoreError(f"this ConceptDB was built from another TopKStore (differs in: {', '.join(diff)})")
+        for n, lc in self.layers.items():  # the tensors themselves, not only the manifest's word for them
+            ids = store[n].ids[:, : self.k].to(lc.ids.device)
+            if lc.ids.shape != ids.shape or not torch.equal(torch.where(lc.valid, lc.ids, -1), torch.where(lc.valid, ids, -1)):
+                raise StoreError(f"this ConceptDB's layer {n!r} does not hold the examples of the TopKStore's layer {n!r} "
+                                 "(layers swapped or the DB damaged)")
 
     # ------------------------------------------------------------------ search
     def as_index(self, layers: str | Sequence[str] | None = None, dtype: torch.dtype = torch.float32,
@@ -410,9 +423,15 @@ class ConceptDB:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the DB to folder ``path`` (crash safe: new tensor file, then the manifest)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write the DB to folder ``path`` (crash safe: new tensor file, then the manifest; holding
+        the folder's write lock). A regular file or an unwritable place raises :class:`ArgumentError`."""
+        path = ensure_dir(path, "ConceptDB path")
+        with locked(path, f"ConceptDB {path}"):
+            self._save_locked(path)
+        self.path = path
+        return path
+
+    def _save_locked(self, path: Path) -> None:
         seq = 0
         with contextlib.suppress(StoreError, OSError, ValueError):
             if (path / MANIFEST).exists():
@@ -424,55 +443,88 @@ class ConceptDB:
                 tensors[f"{n}/{f}"] = getattr(lc, f)
             if lc.examples is not None:
                 tensors[f"{n}/examples"] = lc.examples
-        write_tensors(path / fname, tensors, metadata={"format": FORMAT})
+        sha = write_tensors(path / fname, tensors, metadata={"format": FORMAT})
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, "seq": seq,
-                    "tensors": fname, "tensors_bytes": (path / fname).stat().st_size, "layers": list(self.layers),
-                    "meta": self.meta}
+                    "tensors": fname, "tensors_bytes": (path / fname).stat().st_size, "tensors_sha256": sha,
+                    "layers": list(self.layers), "meta": self.meta}
         write_json(path / MANIFEST, manifest)
         for p in path.glob("concepts-*.safetensors"):
             if p.name != fname:
                 with contextlib.suppress(OSError):
                     p.unlink()
-        self.path = path
-        return path
+        clean_temp(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True, device: torch.device | str = "cpu") -> "ConceptDB":
-        """Read a DB written by :meth:`save`; tensors are memory-mapped (``mmap=True``, CPU)."""
+    def load(cls, path: str | os.PathLike, mmap: bool = True, device: torch.device | str = "cpu",
+             verify: bool = True) -> "ConceptDB":
+        """Read a DB written by :meth:`save`; tensors are memory-mapped (``mmap=True``, CPU).
+
+        ``verify`` (default) checks the tensor file against the SHA-256 in the manifest first
+        (one streamed read; nothing stays resident). Shapes, dtypes and the layers' agreement
+        with each other are checked too; any defect raises :class:`StoreError`.
+        """
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"ConceptDB folder {path} does not exist")
-        man = read_json(path / MANIFEST)
+        return read_consistent(lambda: read_json(path / MANIFEST), lambda man: cls._load(path, man, mmap, device, verify))
+
+    @classmethod
+    def _load(cls, path: Path, man: Any, mmap: bool, device: torch.device | str, verify: bool) -> "ConceptDB":
         if not isinstance(man, dict) or man.get("format") != FORMAT:
             raise StoreError(f"{path / MANIFEST} is not a ConceptDB manifest (format {FORMAT!r} expected)")
-        if int(man.get("format_version", -1)) > FORMAT_VERSION:
+        try:
+            version = int(man.get("format_version", -1))
+            fname, layer_names, meta = man["tensors"], list(man["layers"]), man["meta"]
+            if not isinstance(fname, str) or Path(fname).name != fname or not isinstance(meta, dict):
+                raise ValueError(f"tensors {fname!r}")
+            dim, k = int(meta["foundation"]["dim"]), int(meta["k"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"ConceptDB manifest {path / MANIFEST} is incomplete or invalid: {exc!r}") from None
+        if version > FORMAT_VERSION:
             raise StoreError(f"ConceptDB {path} has format_version {man.get('format_version')}; this library reads up to {FORMAT_VERSION}")
-        fpath = path / man["tensors"]
+        fpath = path / fname
         if not fpath.exists():
-            raise StoreError(f"ConceptDB {path}: the manifest names {man['tensors']} which is missing")
+            raise MissingFileError(f"ConceptDB {path}: the manifest names {fname} which is missing")
         if int(man.get("tensors_bytes", fpath.stat().st_size)) != fpath.stat().st_size:
-            raise StoreError(f"ConceptDB {path}: {man['tensors']} has {fpath.stat().st_size} bytes, the manifest says "
+            raise StoreError(f"ConceptDB {path}: {fname} has {fpath.stat().st_size} bytes, the manifest says "
                              f"{man.get('tensors_bytes')} (truncated or replaced)")
+        sha = man.get("tensors_sha256") if verify else None
         if mmap and torch.device(device).type == "cpu":
-            t, _ = mmap_safetensors(fpath)
+            t, _ = mmap_safetensors(fpath, sha256=sha)
         else:
             from ._io import read_tensors
 
-            t = read_tensors(fpath, device=device)
+            t = read_tensors(fpath, device=device, sha256=sha)
         layers: dict[str, LayerConcepts] = {}
-        for n in man["layers"]:
+        for n in layer_names:
             try:
                 parts = {f: t[f"{n}/{f}"] for f in _FIELDS}
             except KeyError as exc:
                 raise StoreError(f"ConceptDB {path}: tensor {exc.args[0]!r} is missing") from None
-            layers[n] = LayerConcepts(**parts, examples=t.get(f"{n}/examples"))
-        return cls(layers, man["meta"], path)
+            lc = LayerConcepts(**parts, examples=t.get(f"{n}/examples"))
+            _check_layer(path, n, lc, dim, k)
+            layers[n] = lc
+        return cls(layers, meta, path)
 
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, store: Any, fm: Any, images: Any = None, layers: str | Sequence[str] | None = None, **kwargs: Any) -> "ConceptDB":
         """See :func:`build_concept_db`."""
         return build_concept_db(store, fm, images, layers, **kwargs)
+
+
+def _check_layer(path: Path, n: str, lc: LayerConcepts, dim: int, k: int) -> None:
+    """Shapes and dtypes of one stored layer agree with each other and the manifest."""
+    C = lc.embeddings.shape[0] if lc.embeddings.dim() == 2 else -1
+    want = {"embeddings": (C, dim), "ids": (C, k), "boxes": (C, k, 4), "values": (C, k), "valid": (C, k)}
+    for f, shape in want.items():
+        t = getattr(lc, f)
+        if C < 0 or tuple(t.shape) != shape:
+            raise StoreError(f"ConceptDB {path}: {n}/{f} has shape {tuple(t.shape)}, expected {shape} (damaged)")
+    if lc.examples is not None and tuple(lc.examples.shape) != (C, k, dim):
+        raise StoreError(f"ConceptDB {path}: {n}/examples has shape {tuple(lc.examples.shape)}, expected {(C, k, dim)} (damaged)")
+    if lc.ids.dtype != torch.int64 or lc.valid.dtype != torch.bool or not lc.embeddings.is_floating_point():
+        raise StoreError(f"ConceptDB {path}: layer {n!r} has tensors of unexpected dtypes (damaged)")
 
 
 def _params_match(man: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
@@ -562,6 +614,8 @@ def build_concept_db(
         "crop": {"threshold": float(threshold), "min_size": int(min_size)} if mode in ("activation", "relevance") else None,
         "radius": int(radius) if mode == "text" else None,
     }
+    if path is not None:
+        check_writable(path, "path")
     if path is not None and (Path(path) / MANIFEST).exists():
         try:
             man = read_json(Path(path) / MANIFEST)
@@ -570,7 +624,12 @@ def build_concept_db(
             man, diff = None, ["unreadable manifest"]
         if not diff:
             log.info("ConceptDB at %s matches; loading it", path)
-            return ConceptDB.load(path)
+            try:
+                return ConceptDB.load(path)
+            except StoreError as exc:
+                if not overwrite:
+                    raise
+                log.warning("ConceptDB at %s is damaged (%s); building it again", path, exc)
         if not overwrite:
             raise StoreError(
                 f"{path} holds a different ConceptDB (" + "; ".join(diff) + "); use another folder or overwrite=True"

@@ -40,9 +40,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._io import read_tensors, write_json, write_tensors
-from .workspace import (AUDIT_TOP, RELEVANCE_SAMPLES, Run, check_demo_dependencies, class_relevance, save_audit,
-                        save_labels, stamp, store_digest)
+from ._io import file_sha256, read_sealed_tensors, write_sealed_tensors
+from .errors import StoreError
+from .workspace import (AUDIT_TOP, RELEVANCE_SAMPLES, Run, check_demo_dependencies, class_relevance, concepts_digest, remove_run,
+                        save_audit, save_labels, stamp, store_digest)
 
 log = logging.getLogger("semlens_fast")
 
@@ -135,7 +136,7 @@ def _train(run: Run, cfg: DemoConfig, ds, test, progress: bool) -> dict[str, Any
         "others_to_target_stamped": float((ps[other] == cfg.target).float().mean()),
     }
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    write_tensors(wfile, sd)
+    write_sealed_tensors(wfile, sd)
     run.record("train", config=want, metrics=metrics)
     run._cache.pop("model", None)
     return run.stage("train")  # type: ignore[return-value]
@@ -151,14 +152,14 @@ def _foundation(run: Run, cfg: DemoConfig, test, progress: bool):
     mp = run.file("fm/aligned.safetensors")
     want = {"per_class": cfg.fit_per_class, "concepts": "classes only", "source": test.source}
     info = run.stage("foundation")
-    if info is None or info.get("config") != want or not mp.exists():
+    if info is None or info.get("config") != want or not mp.exists() or info.get("sha256") != file_sha256(mp):
         n = cfg.fit_per_class
         idx = torch.cat([(test.labels == c).nonzero().flatten()[:n] for c in range(len(test.classes))])
         names = list(test.classes)
         al = Aligned.fit(vis, txt, test.images[idx].unsqueeze(1), test.labels[idx], names, progress=progress)
         mp.parent.mkdir(exist_ok=True)
         al.save(mp)
-        run.record("foundation", config=want, fm=spec, fit=al.fit_info, concepts=names)
+        run.record("foundation", config=want, fm=spec, fit=al.fit_info, concepts=names, sha256=file_sha256(mp))
     run._cache.pop("fm:" + repr(sorted(spec.items())), None)
     return run.foundation(spec), spec
 
@@ -193,19 +194,20 @@ def benchmark_figures() -> dict[str, Any] | None:
 def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, report: bool = True,
              progress: bool = True, say: Callable[[str], None] = print, cfg: DemoConfig | None = None) -> dict[str, Any]:
     """Run the whole demo into ``run_dir`` (see the module docstring). Returns the findings
-    (also written to ``RUN/findings.json``)."""
-    import shutil
+    (also written to ``RUN/findings.json``).
 
-    from .collect import collect
-    from .concepts import build_concept_db
-    from .lens import Lens
-    from .planted import PlantedCase, ground_truth
-
+    ``fresh``: first delete what an earlier semlens run wrote there (only a folder whose
+    ``run.json`` is this library's, and only the files of a run; see
+    :func:`~semlens_fast.workspace.remove_run`); any other ``run.json`` is refused.
+    """
     check_demo_dependencies()  # before any training: a missing package is reported now, not after minutes
     cfg = cfg or DemoConfig()
     run_dir = Path(run_dir)
-    if fresh and (run_dir / "run.json").exists():
-        shutil.rmtree(run_dir)
+    if fresh and ((run_dir / "run.json").exists() or (run_dir / "run.json").is_symlink()):
+        left = remove_run(run_dir)
+        if left:
+            say(f"--fresh: kept {len(left)} entries in {run_dir} that no semlens run wrote: {', '.join(left[:5])}"
+                + (" ..." if len(left) > 5 else ""))
     clock = _Clock(say)
     base, test = _base_data(cfg)
     g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -213,9 +215,24 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
     data_spec = {"kind": "demo-stamped-fashion", "source": base.source, "mask": "demo_mask.safetensors",
                  "size": cfg.stamp_size, "offset": cfg.stamp_offset, "target": cfg.target, "fraction": cfg.fraction}
     run = Run.create(run_dir, {"kind": "demo-cnn", "weights": "model.safetensors"}, data_spec, list(base.classes))
+    with run.writing():  # the whole demo writes this run: a second writer is refused
+        return _run_demo(run, base, test, mask, cfg, clock, report, progress, say)
+
+
+def _run_demo(run: Run, base: Any, test: Any, mask: torch.Tensor, cfg: DemoConfig, clock: _Clock, report: bool,
+              progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    from .collect import collect
+    from .concepts import build_concept_db
+    from .lens import Lens
+    from .planted import PlantedCase, ground_truth
+
     mfile = run.file("demo_mask.safetensors")
-    if not mfile.exists() or not torch.equal(read_tensors(mfile)["stamped"].bool(), mask):
-        write_tensors(mfile, {"stamped": mask.to(torch.uint8)})
+    try:
+        same = mfile.exists() and torch.equal(read_sealed_tensors(mfile)["stamped"].bool(), mask)
+    except (StoreError, KeyError):
+        same = False
+    if not same:
+        write_sealed_tensors(mfile, {"stamped": mask.to(torch.uint8)})
     ds = run.data()
     cname = base.classes[cfg.target]
     clock.done("data", f"data: {base.source}, {len(ds)} training images; stamp on {int(mask.sum())} of the "
@@ -243,10 +260,11 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
     vis = fm.vision
     vdb = build_concept_db(store, vis, ds, cfg.layers, mode="activation", model=model, data=ds,
                            path=run.vision_concepts_path, cache=run.file("cache"), overwrite=True, progress=progress)
-    run.record("embed-vision", fm=fm_spec["vision"], mode="activation", layers=cfg.layers)
+    run.record("embed-vision", fm=fm_spec["vision"], mode="activation", layers=cfg.layers,
+               concepts_sha256=concepts_digest(vdb))
     db = build_concept_db(store, fm, ds, cfg.layers, mode="activation", model=model, data=ds,
                           path=run.concepts_path, cache=run.file("cache"), overwrite=True, progress=progress)
-    run.record("embed", fm=fm_spec, mode="activation", layers=cfg.layers)
+    run.record("embed", fm=fm_spec, mode="activation", layers=cfg.layers, concepts_sha256=concepts_digest(db))
     run._cache["db"] = db
     vlens, tlens = Lens(vdb, vis), Lens(db, fm)
     clock.done("embed", f"embed: activation crops of {sum(db[n].channels for n in cfg.layers)} channels -> "
@@ -330,7 +348,7 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
         "benchmark": benchmark_figures(),
         "times_s": clock.times,
     }
-    write_json(run.file("findings.json"), findings)
+    run.write_json("findings.json", findings)
     run.record("demo")
 
     # ---- tell it
@@ -381,7 +399,7 @@ def run_demo(run_dir: str | Path = "semlens-demo", *, fresh: bool = False, repor
         path = build_report(run, progress=progress)
         clock.done("report", f"report: {path}")
         findings["times_s"] = clock.times
-        write_json(run.file("findings.json"), findings)
+        run.write_json("findings.json", findings)
     say(f"done in {time.perf_counter() - clock.t0:.1f} s; artifacts in {run.path}/ "
         f"(try: semlens audit --run {run.path} --spurious paste:stamp.png@{cfg.stamp_offset}x{cfg.stamp_offset})")
     return findings

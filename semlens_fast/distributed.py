@@ -35,7 +35,7 @@ import torch
 from .errors import ArgumentError
 from .ops import TopKState, merge_topk
 
-__all__ = ["init", "shutdown", "gather_merge", "is_distributed"]
+__all__ = ["init", "shutdown", "gather_merge", "is_distributed", "shard_range", "gather_components"]
 
 _FIELDS = ("values", "ids", "positions", "nan_counts")
 
@@ -116,3 +116,47 @@ def gather_merge(
             out = merge_topk(out, TopKState(*[p[r] for p in parts]))
         merged[n] = out.to("cpu")
     return merged, [g["info"] for g in gathered]
+
+
+# ---------------------------------------------------------------------- sharding by component
+
+
+def shard_range(n: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """``[start, stop)`` of this rank's share of ``n`` components (contiguous, sizes differ by at most 1)."""
+    import torch.distributed as dist
+
+    if rank is None or world is None:
+        on = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    if not 0 <= rank < world:
+        raise ArgumentError(f"rank must be in [0, {world}), got {rank}")
+    per, extra = divmod(int(n), int(world))
+    start = rank * per + min(rank, extra)
+    return start, start + per + (1 if rank < extra else 0)
+
+
+def gather_components(state: TopKState) -> TopKState:
+    """All-gather the per-rank states of *disjoint component ranges* (rank order) into one ``[C, k]``
+    state, e.g. the latents of an SAE sharded with :meth:`SparseAutoencoder.shard` (each rank ran all
+    data on its latents). Every rank returns the full state on the CPU; to keep memory per rank
+    bounded by its shard instead, save each rank's store and do not gather."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    sizes: list[Any] = [None] * world
+    dist.all_gather_object(sizes, (state.channels, state.k))
+    ks = {k for _, k in sizes}
+    if len(ks) != 1:
+        raise ArgumentError(f"ranks hold states with different k: {sorted(ks)}")
+    dev = _comm_device()
+    cmax = max(c for c, _ in sizes)
+    local = state.to(dev)
+    parts = []
+    for f in _FIELDS:
+        t = getattr(local, f)
+        pad = torch.zeros((cmax,) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+        pad[: t.shape[0]] = t
+        bufs = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(bufs, pad)
+        parts.append(torch.cat([b[:c] for b, (c, _) in zip(bufs, sizes)]).cpu())
+    return TopKState(*[p.contiguous() for p in parts])

@@ -31,5 +31,9 @@ class StoreError(SemlensError, ValueError):
     """A stored artifact is missing, truncated, from another version, or does not match."""
 
 
+class ConcurrentWriteError(SemlensError, RuntimeError):
+    """Another process holds the write lock of a run folder, store or index (try again when it is done)."""
+
+
 class BackendUnavailableError(SemlensError, RuntimeError):
     """A backend was requested explicitly but cannot be used here."""

@@ -21,18 +21,25 @@ On disk (a folder)::
     rows-<sha16>.safetensors           "layer" int32 [rows] (index into layers, -1 none),
                                        "neuron" int64 [rows]
 
-Every file is written to a temporary name, fsynced and renamed; data files carry
+Every file is written to a unique temporary name, fsynced and renamed; data files carry
 their content hash in the name and the manifest is replaced last, so a crash leaves
-either the old or the new index, never a mixture. :meth:`EmbeddingIndex.load` checks
-format, version, dtype, shape and file sizes (and the SHA-256 with ``verify=True``)
-and raises :class:`~semlens_fast.errors.StoreError` on any mismatch; it never writes.
+either the old or the new index, never a mixture (temporary files of an interrupted save
+are removed by the next one). A save holds the folder's advisory lock: a second process
+saving to the same folder at the same time gets
+:class:`~semlens_fast.errors.ConcurrentWriteError` instead of mixing its files in.
+:meth:`EmbeddingIndex.load` checks format, version, dtype, shape, file sizes and (by
+default) the SHA-256 of both files, and raises :class:`~semlens_fast.errors.StoreError`
+on any mismatch; it never writes, and a load that meets a save half-way reads the old or
+the new index.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -40,7 +47,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ._io import atomic_write, read_json, read_tensors, write_json, write_tensors
+from ._io import (
+    MissingFileError, _fsync_dir, clean_temp, ensure_dir, file_mode, hash_tensors, locked, read_consistent, read_json,
+    read_tensors, write_json, write_tensors,
+)
 from ._version import __version__
 from .errors import ArgumentError, DTypeError, ShapeError, StoreError
 from .ops.reference.similarity import select
@@ -129,9 +139,17 @@ class EmbeddingIndex:
         if neurons is None:
             neurons_t = torch.arange(n, dtype=torch.int64)
         else:
-            neurons_t = torch.as_tensor(neurons).to(torch.int64).flatten()
+            try:
+                neurons_t = torch.as_tensor(neurons)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise DTypeError(f"neurons must be a sequence of ints, got {type(neurons).__name__}") from exc
+            if neurons_t.is_floating_point() or neurons_t.is_complex() or neurons_t.dtype == torch.bool:
+                raise DTypeError(f"neurons must be integers, got dtype {neurons_t.dtype}")
+            neurons_t = neurons_t.to(torch.int64).flatten()
             if neurons_t.numel() != n:
                 raise ShapeError(f"neurons must have one entry per row ({n}), got {neurons_t.numel()}")
+            if n and int(neurons_t.min()) < 0:
+                raise ArgumentError(f"neurons must be >= 0 (component indices), got {int(neurons_t.min())}")
         if layer is None:
             lid = -1
         else:
@@ -223,17 +241,26 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ storage
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index to folder ``path`` atomically (see the module docstring)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write the index to folder ``path`` atomically (see the module docstring).
+
+        A regular file or an unwritable place raises :class:`ArgumentError`; another process
+        saving to ``path`` at the same time raises :class:`ConcurrentWriteError`.
+        """
+        path = ensure_dir(path, "index path")
+        with locked(path, f"EmbeddingIndex {path}"):
+            self._save_locked(path)
+        self.path = path
+
+    def _save_locked(self, path: Path) -> None:
         manifest_path = path / "manifest.json"
         if manifest_path.exists():
             try:
-                old = json.loads(manifest_path.read_text())
-            except (OSError, ValueError):
+                old = read_json(manifest_path)
+            except StoreError:
                 old = None
             if not isinstance(old, dict) or old.get("format") != FORMAT:
                 raise StoreError(f"{path} holds a manifest that is not an EmbeddingIndex; refusing to overwrite it")
+        clean_temp(path)  # leftovers of an interrupted save (no other writer: we hold the lock)
         n = len(self)
         nbytes = n * self.dim * _itemsize(self.dtype)
         header = {"vectors": {"dtype": STORAGE_DTYPES[self.dtype], "shape": [n, self.dim], "data_offsets": [0, nbytes]},
@@ -241,29 +268,36 @@ class EmbeddingIndex:
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * ((8 - len(hb) % 8) % 8)
         h = hashlib.sha256()
-        tmp_name = path / ".vectors.partial"
-        with atomic_write(tmp_name, "wb") as fh:
-            fh.write(struct.pack("<Q", len(hb)))
-            fh.write(hb)
-            for _, chunk in self._chunks():
-                arr = _np_view(chunk)
-                h.update(memoryview(arr).cast("B"))
-                fh.write(memoryview(arr).cast("B"))
-        digest = h.hexdigest()
-        vec_name = f"vectors-{digest[:16]}.safetensors"
-        os.replace(tmp_name, path / vec_name)
+        fd, tmp = tempfile.mkstemp(prefix=".vectors.", suffix=".partial", dir=str(path))
+        try:
+            os.fchmod(fd, file_mode())
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(struct.pack("<Q", len(hb)))
+                fh.write(hb)
+                for _, chunk in self._chunks():
+                    arr = _np_view(chunk)
+                    h.update(memoryview(arr).cast("B"))
+                    fh.write(memoryview(arr).cast("B"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            digest = h.hexdigest()
+            vec_name = f"vectors-{digest[:16]}.safetensors"
+            os.replace(tmp, path / vec_name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path)
         layer_idx, neuron = self.row_table()
         rows = {"layer": layer_idx, "neuron": neuron}
-        from ._io import hash_tensors
-
         rows_digest = hash_tensors(rows)
         rows_name = f"rows-{rows_digest[:16]}.safetensors"
-        write_tensors(path / rows_name, rows)
+        rows_file_sha = write_tensors(path / rows_name, rows)
         write_json(manifest_path, {
             "format": FORMAT, "version": VERSION, "library_version": __version__,
             "dim": self.dim, "dtype": _dtype_name(self.dtype), "rows": n, "layers": list(self.layers),
             "vectors_file": vec_name, "vectors_sha256": digest, "vectors_header_bytes": 8 + len(hb),
-            "rows_file": rows_name, "rows_sha256": rows_digest,
+            "rows_file": rows_name, "rows_sha256": rows_digest, "rows_file_sha256": rows_file_sha,
         })
         for f in path.iterdir():  # drop files of earlier saves
             if (f.name.startswith("vectors-") or f.name.startswith("rows-")) and f.name not in (vec_name, rows_name):
@@ -271,32 +305,42 @@ class EmbeddingIndex:
                     f.unlink()
                 except OSError:
                     pass
-        self.path = path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = False,
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
              chunk_rows: int = 1 << 20) -> "EmbeddingIndex":
         """Open an index saved by :meth:`save`.
 
-        ``mmap=True`` maps the vectors (nothing is read until searched; indexes larger
-        than RAM work); ``verify=True`` also checks the SHA-256 of the vectors (one full
-        read). Missing, truncated or foreign files and other versions raise StoreError.
+        ``mmap=True`` maps the vectors (pages are read when searched; indexes larger than
+        RAM work); ``verify=True`` (default) checks the SHA-256 of the vectors first (one
+        streamed read that keeps nothing resident; ``verify=False`` skips it). Missing,
+        truncated, damaged or foreign files and other versions raise StoreError.
         """
         path = Path(path)
-        man = read_json(path / "manifest.json")
+        return read_consistent(lambda: read_json(path / "manifest.json"),
+                               lambda man: cls._load(path, man, mmap, verify, chunk_rows))
+
+    @classmethod
+    def _load(cls, path: Path, man: object, mmap: bool, verify: bool, chunk_rows: int) -> "EmbeddingIndex":
         if not isinstance(man, dict) or man.get("format") != FORMAT:
             raise StoreError(f"{path} is not an EmbeddingIndex (manifest format {man.get('format') if isinstance(man, dict) else None!r})")
         if man.get("version") != VERSION:
             raise StoreError(f"{path} is an EmbeddingIndex of format version {man.get('version')!r}; this library reads version {VERSION}")
         try:
             dim, n, dtype = int(man["dim"]), int(man["rows"]), _NAMES[man["dtype"]]
-            vec_file, rows_file, layers = path / man["vectors_file"], path / man["rows_file"], list(man["layers"])
+            vec_file, rows_file, layers = path / _plain(man["vectors_file"]), path / _plain(man["rows_file"]), list(man["layers"])
+            if dim < 1 or n < 0:
+                raise ValueError(f"dim {dim}, rows {n}")
         except (KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"manifest {path / 'manifest.json'} is incomplete or invalid: {exc!r}") from exc
-        if not vec_file.exists():
-            raise StoreError(f"missing vectors file {vec_file}")
-        size = vec_file.stat().st_size
-        with open(vec_file, "rb") as fh:
+        if not vec_file.is_file():
+            raise MissingFileError(f"missing vectors file {vec_file}")
+        try:
+            fh = open(vec_file, "rb")  # one open: a save that deletes the file meanwhile cannot hurt
+        except FileNotFoundError:
+            raise MissingFileError(f"missing vectors file {vec_file}") from None
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise StoreError(f"vectors file {vec_file} is truncated ({size} bytes)")
@@ -306,45 +350,58 @@ class EmbeddingIndex:
             try:
                 header = json.loads(fh.read(hlen))
                 info = header["vectors"]
-            except (ValueError, KeyError) as exc:
+                if not isinstance(info, dict):
+                    raise ValueError("'vectors' is not an object")
+            except (ValueError, KeyError, TypeError) as exc:
                 raise StoreError(f"vectors file {vec_file} has a corrupted header: {exc!r}") from exc
-        nbytes = n * dim * _itemsize(dtype)
-        if info.get("dtype") != STORAGE_DTYPES[dtype] or info.get("shape") != [n, dim] or info.get("data_offsets") != [0, nbytes]:
-            raise StoreError(f"vectors file {vec_file} holds {info}, the manifest says {man['dtype']} [{n}, {dim}]")
-        if size != 8 + hlen + nbytes:
-            raise StoreError(f"vectors file {vec_file} has {size} bytes, expected {8 + hlen + nbytes} (truncated or corrupted)")
-        if verify:
-            h = hashlib.sha256()
-            with open(vec_file, "rb") as fh:
+            nbytes = n * dim * _itemsize(dtype)
+            if info.get("dtype") != STORAGE_DTYPES[dtype] or info.get("shape") != [n, dim] or info.get("data_offsets") != [0, nbytes]:
+                raise StoreError(f"vectors file {vec_file} holds {info}, the manifest says {man['dtype']} [{n}, {dim}]")
+            if size != 8 + hlen + nbytes:
+                raise StoreError(f"vectors file {vec_file} has {size} bytes, expected {8 + hlen + nbytes} (truncated or corrupted)")
+            if verify:
+                h = hashlib.sha256()
                 fh.seek(8 + hlen)
                 for block in iter(lambda: fh.read(1 << 24), b""):
                     h.update(block)
-            if h.hexdigest() != man.get("vectors_sha256"):
-                raise StoreError(f"vectors file {vec_file} does not match its checksum (corrupted)")
-        rows = read_tensors(rows_file)
-        layer_idx, neuron = rows.get("layer"), rows.get("neuron")
-        if layer_idx is None or neuron is None or layer_idx.shape != (n,) or neuron.shape != (n,):
-            raise StoreError(f"row table {rows_file} does not hold {n} rows")
-        index = cls(dim, dtype, chunk_rows=chunk_rows)
-        index.layers = layers
-        if n:
-            if mmap:
-                arr = np.memmap(vec_file, dtype=_NP[dtype], mode="c", offset=8 + hlen, shape=(n, dim))
-            else:
-                arr = np.fromfile(vec_file, dtype=_NP[dtype], offset=8 + hlen, count=n * dim).reshape(n, dim)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                t = torch.from_numpy(arr)
-            if dtype == torch.bfloat16:
-                t = t.view(torch.bfloat16)
-            index._parts.append(t)
-            index._layer.append(layer_idx.to(torch.int32))
-            index._neuron.append(neuron.to(torch.int64))
+                if h.hexdigest() != man.get("vectors_sha256"):
+                    raise StoreError(f"vectors file {vec_file} does not match its checksum (damaged or replaced)")
+            rows = read_tensors(rows_file, sha256=man.get("rows_file_sha256"))
+            layer_idx, neuron = rows.get("layer"), rows.get("neuron")
+            if layer_idx is None or neuron is None or layer_idx.shape != (n,) or neuron.shape != (n,):
+                raise StoreError(f"row table {rows_file} does not hold {n} rows")
+            if man.get("rows_sha256") and hash_tensors({"layer": layer_idx, "neuron": neuron}) != man["rows_sha256"]:
+                raise StoreError(f"row table {rows_file} does not match its checksum (damaged or replaced)")
+            if n and (int(layer_idx.min()) < -1 or int(layer_idx.max()) >= len(layers) or int(neuron.min()) < 0):
+                raise StoreError(f"row table {rows_file} refers to layers or neurons that do not exist (damaged)")
+            index = cls(dim, dtype, chunk_rows=chunk_rows)
+            index.layers = layers
+            if n:
+                if mmap:
+                    arr = np.memmap(fh, dtype=_NP[dtype], mode="c", offset=8 + hlen, shape=(n, dim))
+                else:
+                    fh.seek(8 + hlen)
+                    arr = np.fromfile(fh, dtype=_NP[dtype], count=n * dim).reshape(n, dim)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    t = torch.from_numpy(arr)
+                if dtype == torch.bfloat16:
+                    t = t.view(torch.bfloat16)
+                index._parts.append(t)
+                index._layer.append(layer_idx.to(torch.int32))
+                index._neuron.append(neuron.to(torch.int64))
         index.path = path
         return index
 
     def __repr__(self) -> str:
         return f"EmbeddingIndex(rows={len(self)}, dim={self.dim}, dtype={_dtype_name(self.dtype)}, layers={len(self.layers)})"
+
+
+def _plain(name: object) -> str:
+    """A file name from a manifest: a plain name inside the index folder, nothing else."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"file name {name!r} is not a plain file name inside the index folder")
+    return name
 
 
 def _itemsize(dt: torch.dtype) -> int:

@@ -13,12 +13,14 @@ for an interrupted run, the progress (how many of the recorded batches are done)
 Writes are crash safe: a checkpoint first writes a *new* tensor file (temporary name,
 fsync, ``os.replace``), then atomically replaces the manifest that points to it, and only
 then deletes the previous tensor file. Whatever moment the process dies at, the manifest
-names a complete tensor file whose SHA-256 it records.
+names a complete tensor file whose SHA-256 it records, and a reader that meets a checkpoint
+half-way re-reads the manifest (it sees the old or the new state, never neither). Writers hold
+the folder's advisory lock (:func:`semlens_fast._io.locked`): a second writer is refused with
+:class:`~semlens_fast.errors.ConcurrentWriteError`, never mixed in.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from . import __version__
-from ._io import read_json, read_tensors, write_json, write_tensors
+from ._io import MissingFileError, clean_temp, ensure_dir, file_sha256, locked, read_consistent, read_json, read_tensors, write_json, write_tensors
 from .errors import ArgumentError, StoreError
 from .ops import TopKState
 
@@ -40,11 +42,7 @@ _FIELDS = ("values", "ids", "positions", "nan_counts")
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 @dataclass
@@ -118,8 +116,12 @@ class TopKStore:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the store to folder ``path`` (crash safe; replaces a previous store there)."""
-        path = Path(path)
+        """Write the store to folder ``path`` (crash safe; replaces a previous store there).
+
+        A regular file or an unwritable place raises :class:`ArgumentError`; another process
+        writing the same folder raises :class:`~semlens_fast.errors.ConcurrentWriteError`.
+        """
+        path = ensure_dir(path, "store")
         _write_store(path, self.layers, self.meta)
         self.path = path
         return path
@@ -132,8 +134,8 @@ class TopKStore:
         missing, truncated, corrupted (SHA-256 mismatch) or of an unknown format.
         """
         path = Path(path)
-        manifest = read_manifest(path)
-        layers = _read_states(path, manifest, device)
+        manifest, layers = read_consistent(lambda: read_manifest(path),
+                                           lambda man: (man, _read_states(path, man, device)))
         return cls(layers, manifest.get("meta", {}), path)
 
 
@@ -158,13 +160,18 @@ def _read_states(path: Path, manifest: Mapping[str, Any], device: torch.device |
     fname = manifest.get("tensors")
     if not fname:
         return {}
-    fpath = path / fname
+    fpath = path / str(fname)
+    if Path(str(fname)).name != fname:
+        raise StoreError(f"store {path}: the manifest names tensor file {fname!r} outside the store folder")
     if not fpath.exists():
-        raise StoreError(f"store {path}: the manifest names tensor file {fname} which is missing")
+        raise MissingFileError(f"store {path}: the manifest names tensor file {fname} which is missing")
     want = manifest.get("tensors_sha256")
-    if want and _file_sha256(fpath) != want:
-        raise StoreError(f"store {path}: tensor file {fname} does not match the SHA-256 in the manifest (corrupted)")
-    tensors = read_tensors(fpath, device=device)
+    try:
+        tensors = read_tensors(fpath, device=device, sha256=want or None)
+    except StoreError as exc:
+        if "SHA-256" in str(exc):
+            raise StoreError(f"store {path}: tensor file {fname} does not match the SHA-256 in the manifest (corrupted)") from None
+        raise
     layers: dict[str, TopKState] = {}
     for name in manifest.get("layers", []):
         try:
@@ -178,8 +185,16 @@ def _read_states(path: Path, manifest: Mapping[str, Any], device: torch.device |
 def _write_store(
     path: Path, layers: Mapping[str, TopKState], meta: Mapping[str, Any], extra: Mapping[str, Any] | None = None
 ) -> None:
-    """Write a new tensor file, then the manifest naming it, then drop older tensor files."""
+    """Write a new tensor file, then the manifest naming it, then drop older tensor files
+    (holding the folder's lock)."""
     path.mkdir(parents=True, exist_ok=True)
+    with locked(path, f"top-k store {path}"):
+        _write_store_locked(path, layers, meta, extra)
+
+
+def _write_store_locked(
+    path: Path, layers: Mapping[str, TopKState], meta: Mapping[str, Any], extra: Mapping[str, Any] | None
+) -> None:
     seq = 0
     old = None
     with contextlib.suppress(StoreError, OSError):
@@ -192,14 +207,14 @@ def _write_store(
     for name, st in layers.items():
         for f in _FIELDS:
             tensors[f"{name}/{f}"] = getattr(st, f)
-    write_tensors(path / fname, tensors, metadata={"format": FORMAT})
+    sha = write_tensors(path / fname, tensors, metadata={"format": FORMAT})
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "seq": seq,
         "tensors": fname,
-        "tensors_sha256": _file_sha256(path / fname),
+        "tensors_sha256": sha,
         "layers": list(layers),
         "meta": dict(meta),
     }
@@ -211,9 +226,7 @@ def _write_store(
         if p.name != fname:
             with contextlib.suppress(OSError):
                 p.unlink()
-    for p in path.glob(".topk-*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+    clean_temp(path)
     del old
 
 
@@ -221,15 +234,17 @@ def write_order(path: Path, batches: list[torch.Tensor]) -> str:
     """Record the batch order of a run (flattened ids + offsets); returns its SHA-256."""
     flat = torch.cat(batches) if batches else torch.zeros(0, dtype=torch.int64)
     offsets = torch.tensor([0] + [len(b) for b in batches], dtype=torch.int64).cumsum(0)
-    write_tensors(path / ORDER_FILE, {"ids": flat.to(torch.int64), "offsets": offsets})
-    return _file_sha256(path / ORDER_FILE)
+    return write_tensors(path / ORDER_FILE, {"ids": flat.to(torch.int64), "offsets": offsets})
 
 
 def read_order(path: Path, sha256: str | None) -> list[torch.Tensor]:
     fpath = path / ORDER_FILE
-    if sha256 and fpath.exists() and _file_sha256(fpath) != sha256:
-        raise StoreError(f"store {path}: {ORDER_FILE} does not match the SHA-256 in the manifest (corrupted)")
-    t = read_tensors(fpath)
+    try:
+        t = read_tensors(fpath, sha256=sha256 or None)
+    except StoreError as exc:
+        if "SHA-256" in str(exc):
+            raise StoreError(f"store {path}: {ORDER_FILE} does not match the SHA-256 in the manifest (corrupted)") from None
+        raise
     flat, offsets = t["ids"], t["offsets"].tolist()
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
@@ -244,8 +259,6 @@ def remove_store(path: Path) -> None:
     shards = path / "_shards"
     if shards.is_dir():
         shutil.rmtree(shards, ignore_errors=True)
-    for p in path.glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+    clean_temp(path)
     with contextlib.suppress(OSError):
         path.rmdir()

@@ -22,18 +22,40 @@ foundation model: ``{"kind": "factory", "target": "pkg.mod:fn"}`` (called with n
 arguments, returns an ``nn.Module`` / a dataset), the built-in ``fashion-mnist``,
 ``digits``, ``demo-cnn`` and ``demo-stamped-fashion``, and foundation models
 ``packaged-vision``, ``minilm``, ``aligned`` and ``openclip``.
+
+**Factories are code.** A run folder from someone else can name any importable function;
+opening it imports and calls that function. So built-in specs are free, and a factory is
+only called when the caller trusts it: ``Run.open(path, trust=True)`` (``--trust`` on the
+command line), or when it is listed in the user's allow-list
+``$XDG_CONFIG_HOME/semlens/trusted-factories`` (default ``~/.config/semlens/``): one
+``package.module:function`` (or ``package.module:*``) per line. Otherwise
+:class:`UntrustedCodeError`. Files a run names (model weights, the demo's mask) must be
+regular files inside the run folder (no ``..``, no symlink out of it).
+
+**Integrity.** Every artifact read back is checked against a SHA-256 taken when it was
+written (in its own manifest; weights, the mask and relevance carry the hash of their
+tensors in their safetensors metadata, the JSON artifacts in a ``content_sha256`` key, so
+the check is as atomic as the file); a mismatch raises :class:`RunMismatchError` (exit 4). Writers hold the run's
+advisory lock (:meth:`Run.writing`); ``run.json`` updates re-read it under the lock, so two
+commands never lose each other's records.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ._io import read_json, read_tensors, write_json
+from ._io import (
+    check_sealed_json, file_sha256, locked, read_json, read_sealed_tensors, write_json, write_sealed_json,
+)
 from ._version import __version__
 from .errors import ArgumentError, SemlensError, StoreError
 
@@ -41,6 +63,10 @@ FORMAT = "semlens_fast.run"
 RUN_FILE = "run.json"
 RELEVANCE_SAMPLES = 256   # samples per class behind every relevance figure (CLI and demo alike)
 AUDIT_TOP = 20            # samples listed per flagged component (CLI and demo alike)
+TRUST_FILE = "trusted-factories"
+_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_JSON_ARTIFACTS = ("labels.json", "searches.json", "audit.json", "findings.json")
 
 
 class MissingArtifactError(StoreError):
@@ -48,20 +74,94 @@ class MissingArtifactError(StoreError):
 
 
 class RunMismatchError(StoreError):
-    """Artifacts in a run folder come from different runs (or another model/data set)."""
+    """Artifacts in a run folder come from different runs (or another model/data set), or are damaged."""
 
 
-def _load_factory(target: str, what: str) -> Callable[[], Any]:
-    if not isinstance(target, str) or ":" not in target:
-        raise ArgumentError(f"{what} must be 'package.module:function', got {target!r}")
+class UntrustedCodeError(ArgumentError):
+    """A run names a ``package.module:function`` factory that the user has not trusted."""
+
+
+def config_dir() -> Path:
+    """``$XDG_CONFIG_HOME/semlens`` (default ``~/.config/semlens``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "semlens"
+
+
+def trusted_factories() -> set[str]:
+    """The user's allow-list: lines of ``config_dir()/trusted-factories`` (``#`` comments)."""
+    f = config_dir() / TRUST_FILE
+    try:
+        text = f.read_text(encoding="utf-8") if f.is_file() and f.stat().st_size < (1 << 20) else ""
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()}
+
+
+def is_trusted(target: str) -> bool:
+    allowed = trusted_factories()
+    return target in allowed or f"{target.partition(':')[0]}:*" in allowed
+
+
+def check_target(target: Any, what: str) -> str:
+    """A syntactically valid ``package.module:function`` (else :class:`ArgumentError`)."""
+    if not isinstance(target, str) or len(target) > 512 or not _TARGET.match(target):
+        raise ArgumentError(f"{what} must be 'package.module:function' (called with no arguments), got {str(target)[:100]!r}")
+    return target
+
+
+def _load_factory(target: str, what: str, trusted: bool = True) -> Callable[[], Any]:
+    check_target(target, what)
+    if not trusted and not is_trusted(target):
+        raise UntrustedCodeError(
+            f"{what} {target!r} named by this run folder is code that would be imported and called; semlens runs it "
+            f"only if you trust it: pass --trust (Python: Run.open(path, trust=True)), or add the line {target!r} to "
+            f"{config_dir() / TRUST_FILE}")
     mod, _, fn = target.partition(":")
     try:
-        obj = getattr(importlib.import_module(mod), fn)
+        obj: Any = importlib.import_module(mod)
+        for part in fn.split("."):
+            obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise ArgumentError(f"{what} {target!r} cannot be imported: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the module itself failed while importing
+        raise ArgumentError(f"{what} {target!r}: importing it raised {type(exc).__name__}: {exc}") from None
     if not callable(obj):
         raise ArgumentError(f"{what} {target!r} is not callable")
     return obj
+
+
+def check_path(path: str | os.PathLike, what: str = "--run") -> Path:
+    """``path`` as a Path, or :class:`ArgumentError` if the OS cannot even look at it (too long, loops)."""
+    try:
+        p = Path(path)
+        os.stat(p)
+    except FileNotFoundError:
+        return p
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOTDIR:
+            return p
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ArgumentError(f"{what} {str(path)[:80]!r}{'...' if len(str(path)) > 80 else ''} cannot be used: {msg}") from None
+    return p
+
+
+def _validate_manifest(man: Any, f: Path) -> dict[str, Any]:
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise StoreError(f"{f} is not a semlens run manifest")
+    problems = []
+    if not isinstance(man.get("run_id"), str) or not _RUN_ID.match(man["run_id"]):
+        problems.append("run_id")
+    for key in ("model", "data"):
+        if not isinstance(man.get(key), dict) or not isinstance(man[key].get("kind"), str):
+            problems.append(key)
+    if not isinstance(man.get("stages", {}), dict) or not all(isinstance(v, dict) for v in man.get("stages", {}).values()):
+        problems.append("stages")
+    cl = man.get("classes")
+    if cl is not None and (not isinstance(cl, list) or not all(isinstance(c, str) for c in cl)):
+        problems.append("classes")
+    if problems:
+        raise StoreError(f"{f} is a damaged semlens run manifest (bad {', '.join(problems)})")
+    return man
 
 
 def stamp(images: torch.Tensor, size: int = 5, offset: int = 1) -> torch.Tensor:
@@ -74,11 +174,19 @@ def stamp(images: torch.Tensor, size: int = 5, offset: int = 1) -> torch.Tensor:
 
 def parse_fm(spec: str) -> dict[str, Any]:
     """``--fm`` strings: ``vision[:SIZE]``, ``text``, ``aligned``, ``openclip:ARCH[:PRETRAINED_OR_CHECKPOINT]``."""
+    if not isinstance(spec, str) or not spec or len(spec) > 4096:
+        raise ArgumentError(f"--fm must be vision[:SIZE], text, aligned or openclip:ARCH[:PRETRAINED|CHECKPOINT]; got {str(spec)[:80]!r}")
     parts = spec.split(":")
     kind = parts[0]
     if kind == "vision":
+        if len(parts) > 2 or (len(parts) == 2 and not re.fullmatch(r"[0-9]{1,4}", parts[1])):
+            raise ArgumentError(f"--fm vision[:SIZE]: SIZE must be a whole number of pixels (e.g. vision:64), got {spec!r}")
         size = int(parts[1]) if len(parts) > 1 else 64
+        if not 16 <= size <= 1024:
+            raise ArgumentError(f"--fm vision:SIZE: SIZE must be 16..1024 pixels, got {size}")
         return {"kind": "packaged-vision", "image_size": size}
+    if kind in ("text", "aligned") and len(parts) > 1:
+        raise ArgumentError(f"--fm {kind} takes no options, got {spec!r}")
     if kind == "text":
         return {"kind": "minilm"}
     if kind == "aligned":
@@ -93,12 +201,19 @@ def parse_fm(spec: str) -> dict[str, Any]:
 
 
 class Run:
-    """A run folder (see the module docstring). Open with :meth:`open`, make with :meth:`create`."""
+    """A run folder (see the module docstring). Open with :meth:`open`, make with :meth:`create`.
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    ``trust``: call ``package.module:function`` factories the manifest names (they are code);
+    without it only built-in specs and factories on the user's allow-list are used.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], trust: bool = False):
         self.path = Path(path)
         self.manifest = manifest
+        self.trust = bool(trust)
         self._cache: dict[str, Any] = {}
+        self._unsaved = False
+        self._made_dir = False
 
     # ------------------------------------------------------------------ files
     @property
@@ -116,6 +231,23 @@ class Run:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def inside(self, name: Any, what: str) -> Path:
+        """``RUN/name`` if it is a regular file inside the run folder (no ``..``, no absolute path,
+        no symlink leading out); else :class:`RunMismatchError`."""
+        if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+            raise RunMismatchError(f"{self.path / RUN_FILE} names {what} {str(name)[:100]!r}, which is not a file inside the "
+                                   "run folder; refusing to read it")
+        f = self.path / name
+        try:
+            real, root = f.resolve(), self.path.resolve()
+        except (OSError, RuntimeError) as exc:
+            raise RunMismatchError(f"{what} {f} cannot be resolved: {exc}") from None
+        if root not in real.parents:
+            raise RunMismatchError(f"{what} {f} leads outside the run folder (to {real}); refusing to read it")
+        if f.exists() and not f.is_file():
+            raise RunMismatchError(f"{what} {f} is not a regular file")
+        return f
+
     @property
     def id(self) -> str:
         return str(self.manifest["run_id"])
@@ -123,19 +255,24 @@ class Run:
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: str | os.PathLike, model: dict[str, Any], data: dict[str, Any],
-               classes: list[str] | None = None) -> "Run":
-        """Make ``path`` (or reuse it when it holds a run with the same model and data specs)."""
-        path = Path(path)
+               classes: list[str] | None = None, *, trust: bool = False, write: bool = True) -> "Run":
+        """Make ``path`` (or reuse it when it holds a run with the same model and data specs).
+
+        ``write=False`` checks the folder but writes no ``run.json`` until :meth:`commit` (so a
+        spec that turns out not to resolve leaves nothing behind); ``trust`` as for :meth:`open`.
+        """
+        path = check_path(path)
         if path.exists() and not path.is_dir():
             raise ArgumentError(f"--run {path} exists and is not a folder")
-        if (path / RUN_FILE).exists():
-            run = cls.open(path)
+        if (path / RUN_FILE).exists() or (path / RUN_FILE).is_symlink():
+            run = cls.open(path, trust=trust)
             if run.manifest.get("model") != model or run.manifest.get("data") != data:
                 raise RunMismatchError(
                     f"{path} already holds a run of another model or data set ({run.manifest.get('model')}, "
                     f"{run.manifest.get('data')}); choose another --run folder or delete this one"
                 )
             return run
+        made = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / f".write-test-{uuid.uuid4().hex}"
@@ -145,41 +282,120 @@ class Run:
             raise ArgumentError(f"--run {path} is not writable: {exc.strerror or exc}") from None
         man = {"format": FORMAT, "library_version": __version__, "run_id": uuid.uuid4().hex,
                "model": model, "data": data, "classes": classes, "stages": {}}
-        write_json(path / RUN_FILE, man)
-        return cls(path, man)
+        run = cls(path, man, trust=trust)
+        run._made_dir = made
+        run._unsaved = True
+        if write:
+            run.commit()
+        return run
+
+    def commit(self) -> None:
+        """Write ``run.json`` of a run made with ``create(..., write=False)`` (no-op otherwise)."""
+        if self._unsaved:
+            with self.writing():
+                if (self.path / RUN_FILE).exists():
+                    raise RunMismatchError(f"{self.path} got a {RUN_FILE} of another run meanwhile; choose another --run")
+                write_json(self.path / RUN_FILE, self.manifest)
+            self._unsaved = False
+
+    def discard(self) -> None:
+        """Undo :meth:`create` with ``write=False``: remove the folder if it made it and it is empty."""
+        if self._unsaved and self._made_dir:
+            for f in (self.path / ".lock",):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Run":
-        path = Path(path)
+    def open(cls, path: str | os.PathLike, *, trust: bool = False) -> "Run":
+        path = check_path(path)
         f = path / RUN_FILE
-        if not f.exists():
+        if not f.exists() and not f.is_symlink():
             raise MissingArtifactError(
                 f"no run in {path} (no {RUN_FILE}); run `semlens demo --run {path}` or "
                 f"`semlens collect --run {path} --model ... --data ... --layers ...` first"
             )
-        man = read_json(f)
-        if not isinstance(man, dict) or man.get("format") != FORMAT:
-            raise StoreError(f"{f} is not a semlens run manifest")
-        return cls(path, man)
+        man = _validate_manifest(read_json(f), f)
+        return cls(path, man, trust=trust)
+
+    @contextlib.contextmanager
+    def writing(self, timeout: float = 0.0) -> Iterator["Run"]:
+        """Hold the run folder's write lock (a second writer gets ConcurrentWriteError)."""
+        with locked(self.path, f"run folder {self.path}", timeout=timeout):
+            yield self
 
     def record(self, stage: str, **info: Any) -> None:
-        """Note that ``stage`` finished (with what) in run.json (atomic rewrite)."""
-        self.manifest.setdefault("stages", {})[stage] = info
-        write_json(self.path / RUN_FILE, self.manifest)
+        """Note that ``stage`` finished (with what) in run.json (re-read and rewritten atomically
+        under the run's lock, so records of other commands are kept)."""
+        self.update(stages={stage: info})
+
+    def update(self, stages: dict[str, Any] | None = None, **top: Any) -> None:
+        """Merge stage records and top-level keys into run.json (re-read under the lock)."""
+        with self.writing(timeout=30.0):
+            f = self.path / RUN_FILE
+            disk = self.manifest
+            if not self._unsaved and f.exists():
+                disk = _validate_manifest(read_json(f), f)
+                if disk.get("run_id") != self.id:
+                    raise RunMismatchError(f"{f} was replaced by another run's manifest while this command ran")
+            disk.setdefault("stages", {}).update(stages or {})
+            disk.update(top)
+            if not self._unsaved:
+                write_json(f, disk)
+            self.manifest = disk
 
     def stage(self, stage: str) -> dict[str, Any] | None:
         return self.manifest.get("stages", {}).get(stage)
 
+    _ARTIFACT = {"collect": ("topk", "top-k store"), "embed": ("concepts", "ConceptDB")}
+
     def require(self, stage: str, command: str) -> dict[str, Any]:
         info = self.stage(stage)
         if info is None:
+            art = self._ARTIFACT.get(stage)
+            if art is not None and (self.path / art[0] / "manifest.json").exists() and self._finished(art[0]):
+                raise RunMismatchError(
+                    f"{self.path / art[0]} holds a {art[1]} but {self.path / RUN_FILE} has no record of `{stage}`: "
+                    f"run.json belongs to another run or was replaced; run `{command}` again to rebuild it")
             raise MissingArtifactError(f"{self.path} has no {stage} results yet; run `{command}` first")
         return info
+
+    def _finished(self, sub: str) -> bool:
+        try:
+            man = read_json(self.path / sub / "manifest.json")
+        except StoreError:
+            return True  # damaged: not a missing stage
+        return not isinstance(man, dict) or sub != "topk" or bool(man.get("meta", {}).get("complete", True))
+
+    # ------------------------------------------------------------------ JSON artifacts
+    def write_json(self, name: str, obj: dict[str, Any]) -> None:
+        """Write ``RUN/name`` atomically, sealed with its own content hash."""
+        write_sealed_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> Any:
+        """``RUN/name`` after checking its content hash (None if absent); damage raises RunMismatchError."""
+        f = self.inside(name, name)
+        if not f.exists():
+            return None
+        try:
+            return check_sealed_json(read_json(f), f)
+        except StoreError as exc:
+            raise RunMismatchError(f"{exc}; run the command that writes it again") from None
 
     # ------------------------------------------------------------------ model and data
     @property
     def classes(self) -> list[str] | None:
         return self.manifest.get("classes")
+
+    def _weights(self, name: Any, what: str) -> dict[str, torch.Tensor]:
+        f = self.inside(name, what)
+        if not f.exists():
+            raise MissingArtifactError(f"{what} {f} is missing; run `semlens demo --run {self.path}` again")
+        try:
+            return read_sealed_tensors(f)
+        except StoreError as exc:
+            raise RunMismatchError(f"{what}: {exc}; run `semlens demo --run {self.path}` again") from None
 
     def model(self) -> torch.nn.Module:
         if "model" not in self._cache:
@@ -188,11 +404,15 @@ class Run:
                 from .models import FashionCNN
 
                 m = FashionCNN()
-                sd = read_tensors(self.path / spec["weights"])
+                sd = self._weights(spec.get("weights"), "model weights")
                 sd.pop("__accuracy__", None)
-                m.load_state_dict(sd)
+                try:
+                    m.load_state_dict(sd)
+                except RuntimeError as exc:
+                    raise RunMismatchError(f"model weights {self.path / str(spec.get('weights'))} do not fit the demo CNN: "
+                                           f"{str(exc).splitlines()[0]}") from None
             elif spec["kind"] == "factory":
-                m = _load_factory(spec["target"], "--model")()
+                m = _load_factory(spec.get("target"), "--model", self.trust)()
                 if not isinstance(m, torch.nn.Module):
                     raise ArgumentError(f"--model {spec['target']} returned {type(m).__name__}, expected a torch.nn.Module")
             else:
@@ -211,13 +431,13 @@ class Run:
                     raise MissingArtifactError(
                         "Fashion-MNIST is not installed: run `apt-get install dataset-fashion-mnist` (Debian) or set "
                         "SEMLENS_FASHION_MNIST to a folder with its IDX files, or use --data digits")
-                ds = D.fashion_mnist(spec.get("split", "train"), fallback=False)
+                ds = D.fashion_mnist(_split(spec), fallback=False)
             elif kind == "digits":
-                ds = D.digits(spec.get("split", "train"))
+                ds = D.digits(_split(spec))
             elif kind == "demo-stamped-fashion":
                 ds = self._demo_data(spec)
             elif kind == "factory":
-                ds = _load_factory(spec["target"], "--data")()
+                ds = _load_factory(spec.get("target"), "--data", self.trust)()
             else:
                 raise StoreError(f"{self.path / RUN_FILE}: unknown data kind {kind!r}")
             self._cache["data"] = ds
@@ -231,14 +451,17 @@ class Run:
             from .data import digits
 
             base = digits("train")
-        mask_file = self.path / spec["mask"]
-        if not mask_file.exists():
-            raise MissingArtifactError(f"{mask_file} is missing; run `semlens demo --run {self.path}` again")
-        mask = read_tensors(mask_file)["stamped"].to(torch.bool)
-        if mask.shape[0] != len(base):
-            raise RunMismatchError(f"{mask_file} marks {mask.shape[0]} images but the data set has {len(base)}")
+        try:
+            size, offset = int(spec["size"]), int(spec["offset"])
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{self.path / RUN_FILE}: the demo data spec is damaged ({str(spec)[:100]})") from None
+        mask = self._weights(spec.get("mask"), "demo mask").get("stamped")
+        mask_file = self.path / str(spec.get("mask"))
+        if mask is None or mask.dim() != 1 or mask.shape[0] != len(base):
+            raise RunMismatchError(f"{mask_file} does not mark the {len(base)} images of the data set")
+        mask = mask.to(torch.bool)
         imgs = base.images.clone()
-        imgs[mask] = stamp(imgs[mask], spec["size"], spec["offset"])
+        imgs[mask] = stamp(imgs[mask], size, offset)
         ds = ImageDataset(imgs, base.labels, f"{base.source}+stamp", base.classes, base.mean, base.std)
         ds.stamped = mask  # type: ignore[attr-defined]
         return ds
@@ -249,7 +472,13 @@ class Run:
 
         info = self.require("collect", f"semlens collect --run {self.path} ...")
         if "store" not in self._cache:
-            st = TopKStore.load(self.topk_path)
+            try:
+                st = TopKStore.load(self.topk_path)
+            except StoreError as exc:
+                if not self.topk_path.exists():
+                    raise MissingArtifactError(f"{self.topk_path} is missing; run `semlens collect --run {self.path} ...` "
+                                               "again") from None
+                raise RunMismatchError(f"{exc}; run `semlens collect --run {self.path} ...` again") from None
             if info.get("lists_sha256") and store_digest(st) != info["lists_sha256"]:
                 raise RunMismatchError(f"{self.topk_path} was replaced since `semlens collect` recorded it; "
                                        f"run `semlens collect --run {self.path} ...` again")
@@ -260,6 +489,8 @@ class Run:
         """The foundation model of ``spec`` (default: the one the ConceptDB was built with)."""
         if spec is None:
             spec = self.require("embed", f"semlens embed --run {self.path} --fm ...")["fm"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+            raise StoreError(f"{self.path / RUN_FILE}: damaged foundation model spec {str(spec)[:100]}")
         key = "fm:" + repr(sorted(spec.items()))
         if key in self._cache:
             return self._cache[key]
@@ -276,6 +507,11 @@ class Run:
                 raise MissingArtifactError(
                     f"{mp} is missing: an Aligned model is fitted by `semlens demo` (or by Aligned.fit(...).save(path) "
                     "in Python); use --fm vision or openclip:... otherwise")
+            self.inside("fm/aligned.safetensors", "fitted foundation model")
+            want = (self.stage("foundation") or {}).get("sha256")
+            if want is not None and file_sha256(mp) != want:
+                raise RunMismatchError(f"{mp} does not match the SHA-256 recorded when the demo fitted it (damaged or "
+                                       f"replaced); run `semlens demo --run {self.path}` again")
             vis = self.foundation(spec.get("vision", {"kind": "packaged-vision", "image_size": 64}))
             txt = self.foundation(spec.get("text", {"kind": "minilm"}))
             fm = F.Aligned.load(mp, vis, txt)
@@ -289,16 +525,24 @@ class Run:
     def concept_db(self) -> Any:
         from .concepts import ConceptDB
 
-        self.require("embed", f"semlens embed --run {self.path} --fm ...")
+        info = self.require("embed", f"semlens embed --run {self.path} --fm ...")
         if "db" not in self._cache:
-            db = ConceptDB.load(self.concepts_path)
+            rerun = f"run `semlens embed --run {self.path} --fm ...` again"
+            try:
+                db = ConceptDB.load(self.concepts_path)
+            except StoreError as exc:
+                if not self.concepts_path.exists():
+                    raise MissingArtifactError(f"{self.concepts_path} is missing; {rerun}") from None
+                raise RunMismatchError(f"{exc}; {rerun}") from None
+            want = info.get("concepts_sha256")
+            if want is not None and _db_sha(db) != want:
+                raise RunMismatchError(f"{self.concepts_path} was replaced since `semlens embed` recorded it; {rerun}")
             store = self.store()
             try:
                 db.check_store(store)
-            except StoreError:
-                raise RunMismatchError(
-                    f"{self.concepts_path} was built from another top-k store than {self.topk_path}; "
-                    f"run `semlens embed --run {self.path} --fm ...` again") from None
+            except StoreError as exc:
+                raise RunMismatchError(f"{self.concepts_path} does not belong to the top-k store {self.topk_path} "
+                                       f"({exc}); {rerun}") from None
             self._cache["db"] = db
         return self._cache["db"]
 
@@ -323,7 +567,14 @@ class Run:
         if info is None or not (self.vision_concepts_path / "manifest.json").exists():
             return self.lens()
         if "vision_lens" not in self._cache:
-            db = ConceptDB.load(self.vision_concepts_path)
+            rerun = f"run `semlens embed --run {self.path} --fm ...` again"
+            try:
+                db = ConceptDB.load(self.vision_concepts_path)
+            except StoreError as exc:
+                raise RunMismatchError(f"{exc}; {rerun}") from None
+            want = info.get("concepts_sha256")
+            if want is not None and _db_sha(db) != want:
+                raise RunMismatchError(f"{self.vision_concepts_path} was replaced since it was recorded; {rerun}")
             try:
                 db.check_store(self.store())
             except StoreError:
@@ -340,7 +591,114 @@ class Run:
             return None
         if info.get("model") != self.store().fingerprints.get("model"):
             return None  # computed for other weights: recompute
-        return read_tensors(f)
+        self.inside(f"relevance/class{int(target)}.safetensors", "relevance")
+        try:
+            out = read_sealed_tensors(f)
+        except StoreError as exc:
+            raise RunMismatchError(f"{exc}; delete it to recompute it") from None
+        for n, v in out.items():
+            if n in self.store() and tuple(v.shape) != (self.store()[n].channels,):
+                raise RunMismatchError(f"{f}: layer {n!r} holds {tuple(v.shape)} values for {self.store()[n].channels} "
+                                       "components (damaged); delete it to recompute it")
+        return out
+
+
+def _split(spec: dict[str, Any]) -> str:
+    sp = spec.get("split", "train")
+    if sp not in ("train", "test"):
+        raise StoreError(f"data spec {str(spec)[:80]}: split must be 'train' or 'test'")
+    return sp
+
+
+def concepts_digest(db: Any) -> str | None:
+    """SHA-256 of a saved ConceptDB's tensor file (what run.json records for `embed`)."""
+    return _db_sha(db)
+
+
+def _db_sha(db: Any) -> str | None:
+    path = getattr(db, "path", None)
+    if path is None:
+        return None
+    with contextlib.suppress(StoreError):
+        man = read_json(Path(path) / "manifest.json")
+        return man.get("tensors_sha256") if isinstance(man, dict) else None
+    return None
+
+
+# ---------------------------------------------------------------------- removing a run (demo --fresh)
+
+_RUN_FILES = ("run.json", "model.safetensors", "demo_mask.safetensors", "labels.json", "searches.json", "audit.json",
+              "findings.json", "fm/aligned.safetensors")
+
+
+def remove_run(path: str | os.PathLike) -> list[str]:
+    """Delete what a semlens run wrote into ``path`` and nothing else; returns what is left.
+
+    ``path`` must hold a ``run.json`` of this library (format marker and a run id), else
+    :class:`ArgumentError` (nothing is touched). Only the files of the known layout are
+    removed: the manifest, weights, mask, top-k store, ConceptDB, embedding cache, relevance,
+    JSON artifacts and a report folder that ``write_report`` marked; other files stay.
+    """
+    from .report.html import MARKER
+    from .store import remove_store
+
+    path = check_path(path)
+    f = path / RUN_FILE
+    try:
+        man = read_json(f)
+        _validate_manifest(man, f)
+    except StoreError as exc:
+        raise ArgumentError(f"--fresh: {path} holds a {RUN_FILE} that is not a semlens run manifest ({exc}); refusing to "
+                            "delete anything there: choose another --run folder") from None
+    run = Run(path, man)
+    with run.writing():
+        remove_store(path / "topk")
+        _remove_files(path / "concepts", ["manifest.json", "concepts-*.safetensors", ".*.tmp"])
+        _remove_files(path / "concepts-vision", ["manifest.json", "concepts-*.safetensors", ".*.tmp", ".lock"])
+        cache = path / "cache"
+        if cache.is_dir():
+            for sub in cache.iterdir():
+                if sub.is_dir() and not sub.is_symlink() and (sub / "manifest.json").exists():
+                    _remove_files(sub, ["manifest.json", "emb-*.safetensors", ".*.tmp", ".lock"])
+            _rmdir(cache)
+        _remove_files(path / "relevance", ["class*.safetensors", ".*.tmp"])
+        rep = path / "report"
+        if rep.is_dir() and not rep.is_symlink() and (rep / MARKER).exists():
+            shutil.rmtree(rep)
+        for name in _RUN_FILES:
+            p = path / name
+            if p.is_file() or p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        _rmdir(path / "fm")
+        for sub in ("topk", "concepts"):
+            _remove_files(path / sub, [".lock"])
+        from ._io import clean_temp
+
+        clean_temp(path)
+    with contextlib.suppress(OSError):
+        (path / ".lock").unlink()
+    left = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not left:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    return left
+
+
+def _remove_files(folder: Path, patterns: list[str]) -> None:
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for pat in patterns:
+        for p in folder.glob(pat):
+            if p.is_file() or p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+    _rmdir(folder)
+
+
+def _rmdir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def build_vision_db(run: Run, fm_spec: dict[str, Any], mode: str, layers: list[str], progress: bool = True,
@@ -353,7 +711,7 @@ def build_vision_db(run: Run, fm_spec: dict[str, Any], mode: str, layers: list[s
     vis = run.foundation(vspec)
     db = build_concept_db(run.store(), vis, run.data(), layers, mode=mode, path=run.vision_concepts_path,
                           cache=run.file("cache"), overwrite=True, progress=progress, **kwargs)
-    run.record("embed-vision", fm=vspec, mode=mode, layers=list(db.layers))
+    run.record("embed-vision", fm=vspec, mode=mode, layers=list(db.layers), concepts_sha256=_db_sha(db))
     run._cache.pop("vision_lens", None)
     return db
 
@@ -365,7 +723,7 @@ def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int
     labels), cached in ``RUN/relevance/class<target>.safetensors``."""
     from tqdm.auto import tqdm
 
-    from ._io import write_tensors
+    from ._io import write_sealed_tensors
     from .relevance import RelevanceEngine
 
     cached = run.relevance(target)
@@ -401,9 +759,10 @@ def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int
     prev = run.relevance(target) or {}
     prev.update(out)
     (run.path / "relevance").mkdir(exist_ok=True)
-    write_tensors(run.path / "relevance" / f"class{int(target)}.safetensors", prev)
-    run.record(f"relevance:{int(target)}", model=run.store().fingerprints.get("model"), samples=len(idx),
-               max_samples=max_samples, layers=sorted(prev), rules="dlbacktrace")
+    with run.writing(timeout=30.0):
+        write_sealed_tensors(run.path / "relevance" / f"class{int(target)}.safetensors", prev)
+        run.record(f"relevance:{int(target)}", model=run.store().fingerprints.get("model"), samples=len(idx),
+                   max_samples=max_samples, layers=sorted(prev), rules="dlbacktrace")
     return out
 
 
@@ -422,17 +781,43 @@ def save_labels(run: Run, vocabulary: list[str], records: list[dict[str, Any]]) 
     import math
 
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
-    write_json(run.path / "labels.json", {"run_id": run.id, "vocabulary": list(vocabulary), "records": clean})
-    run.record("label", vocabulary=list(vocabulary))
+    with run.writing(timeout=30.0):
+        run.write_json("labels.json", {"run_id": run.id, "vocabulary": list(vocabulary), "records": clean})
+        run.record("label", vocabulary=list(vocabulary))
+
+
+def load_labels(run: Run, other_run_ok: bool = False) -> dict[str, Any] | None:
+    """``RUN/labels.json`` checked (content hash, this run's id, its structure); None when
+    absent (or another run's, with ``other_run_ok``). Another run's or a damaged file raises
+    :class:`RunMismatchError`."""
+    data = run.read_json("labels.json")
+    if data is None:
+        return None
+    f = run.file("labels.json")
+    if isinstance(data, dict) and data.get("run_id") != run.id and other_run_ok:
+        return None
+    if not isinstance(data, dict) or data.get("run_id") != run.id:
+        raise RunMismatchError(f"{f} belongs to another run; run `semlens label --run {run.path} ...` again")
+    recs = data.get("records")
+    ok = isinstance(recs, list) and isinstance(data.get("vocabulary", []), list) and all(
+        isinstance(r, dict) and isinstance(r.get("layer"), str) and isinstance(r.get("label"), str)
+        and isinstance(r.get("component"), int) and not isinstance(r.get("component"), bool) and r["component"] >= 0
+        and (r.get("score") is None or isinstance(r.get("score"), (int, float)))
+        for r in recs)
+    if not ok:
+        raise RunMismatchError(f"{f} is damaged (records need layer, component, label, score); run "
+                               f"`semlens label --run {run.path} ...` again")
+    return data
 
 
 def save_audit(run: Run, audit: Any, source: str = "semlens audit") -> dict[str, Any]:
-    """Write an :class:`~semlens_fast.audit.AuditReport` to ``RUN/audit.json`` (what the report shows)."""
+    """Write an :class:`~semlens_fast.audit.AuditReport` to ``RUN/audit.json`` (sealed; what the report shows)."""
     from ._io import json_safe
 
     rec = json_safe({"run_id": run.id, "source": source, **audit.to_dict()})
-    write_json(run.path / "audit.json", rec)
-    run.record("audit", flagged=len(audit.flagged), fdr=audit.fdr)
+    with run.writing(timeout=30.0):
+        run.write_json("audit.json", rec)
+        run.record("audit", flagged=len(audit.flagged), fdr=audit.fdr)
     return rec
 
 
@@ -464,6 +849,15 @@ def check_demo_dependencies() -> None:
                                    "(or scripts/setup.sh)")
 
 
+def read_artifact(run: Run, name: str) -> Any:
+    """A JSON artifact of this run (``searches.json``, ``audit.json``, ``findings.json``, ...):
+    checked against its recorded SHA-256; None when absent or written for another run id."""
+    data = run.read_json(name)
+    if isinstance(data, dict) and data.get("run_id", run.id) != run.id:
+        return None
+    return data
+
+
 def store_digest(store: Any) -> str:
     """SHA-256 of all top-k lists of ``store`` (what run.json records for `collect`)."""
     from .concepts import store_fingerprint
@@ -471,6 +865,7 @@ def store_digest(store: Any) -> str:
     return str(store_fingerprint(store, list(store.keys()))["lists_sha256"])
 
 
-__all__ = ["Run", "MissingArtifactError", "RunMismatchError", "SemlensError", "stamp", "parse_fm", "store_digest",
+__all__ = ["Run", "MissingArtifactError", "RunMismatchError", "UntrustedCodeError", "SemlensError", "stamp", "parse_fm",
+           "store_digest", "remove_run", "load_labels", "read_artifact", "trusted_factories", "config_dir",
            "compute_relevance", "class_relevance", "save_audit", "save_labels", "check_demo_dependencies",
-           "RELEVANCE_SAMPLES", "AUDIT_TOP"]
+           "build_vision_db", "RELEVANCE_SAMPLES", "AUDIT_TOP"]

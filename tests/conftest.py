@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# a Triton kernel that fails must fail the test, not fall back to the reference silently
+os.environ.setdefault("SEMLENS_TRITON_STRICT", "1")
 
 # the tests use only models shipped inside packages; never reach for a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -236,9 +236,11 @@ def test_missing_and_mismatched_artifacts(demo, capsys, tmp_path):
     # a copy of the run whose labels.json comes from another run
     other = tmp_path / "copy"
     shutil.copytree(demo, other)
-    lab = read_json(other / "labels.json")
+    from semlens_fast._io import check_sealed_json, write_sealed_json
+
+    lab = check_sealed_json(read_json(other / "labels.json"), other / "labels.json")
     lab["run_id"] = "0" * 32
-    write_json(other / "labels.json", lab)
+    write_sealed_json(other / "labels.json", lab)  # intact, but another run's
     code, _, err = run_cli(capsys, "validate", "--run", other, "--layer", "conv3", "--keep", "Shirt")
     assert code == cli.EXIT_MISMATCH and "another run" in err
 
@@ -302,7 +304,10 @@ def test_collect_embed_custom_model(capsys, tmp_path, monkeypatch):
     assert code == 0
     rows = json.loads(out)["layers"]
     assert [r["layer"] for r in rows] == ["conv1", "conv2"] and rows[0]["filled"] == 16 * 5
-    code, out, _ = run_cli(capsys, "embed", "--run", run, "--fm", "vision:64", "--mode", "full", "--json",
+    # the factories are code: later commands call them only when trusted
+    code, _, err = run_cli(capsys, "embed", "--run", run, "--fm", "vision:64", "--mode", "full", "--no-progress")
+    assert code == cli.EXIT_ARGS and "--trust" in err
+    code, out, _ = run_cli(capsys, "embed", "--run", run, "--trust", "--fm", "vision:64", "--mode", "full", "--json",
                            "--no-progress")
     assert code == 0 and json.loads(out)["layers"][1]["dim"] == 1280
     from semlens_fast.data import digits
@@ -311,10 +316,10 @@ def test_collect_embed_custom_model(capsys, tmp_path, monkeypatch):
     from PIL import Image
 
     Image.fromarray(digits("train").images[0].numpy()).save(p)
-    code, out, _ = run_cli(capsys, "search", "--run", run, "--image", p, "--k", "3", "--json")
+    code, out, _ = run_cli(capsys, "search", "--run", run, "--trust", "--image", p, "--k", "3", "--json")
     assert code == 0 and len(json.loads(out)[0]["rows"]) == 3
     # a text query on a vision-only foundation model: a clear error, not a crash
-    code, _, err = run_cli(capsys, "search", "--run", run, "a digit")
+    code, _, err = run_cli(capsys, "search", "--run", run, "--trust", "a digit")
     assert code == cli.EXIT_ARGS and "text" in err.lower()
     # the same folder cannot be reused for another model
     code, _, err = run_cli(capsys, "collect", "--run", run, "--model", "semlens_fast.models:FashionCNN", "--data",

@@ -112,3 +112,47 @@ def test_distributed_true_without_process_group_is_an_error():
 
     with pytest.raises(ArgumentError, match="init_process_group"):
         collect(TinyCNN(0), RandomImages(4), ["conv1"], k=2, distributed=True, progress=False)
+
+
+_SHARD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {repo!r})
+    import torch.distributed as dist
+    from semlens_fast import distributed as sd
+    from semlens_fast.collect import collect
+    from tests.test_sae import random_sae
+    from tests.test_transformers import TokenBatches, tiny_bert
+
+    sd.init("gloo")
+    model, ds, sae = tiny_bert(), TokenBatches(30, seed=3), random_sae(L=71)
+    part = sae.shard()                       # this rank's latents, all the data
+    st = collect(model, ds, [], k=5, sae={{"encoder.layer.1": part}}, batch_size=8, collate_fn=ds.collate,
+                 distributed=False, progress=False)
+    full = sd.gather_components(st["encoder.layer.1"])
+    if dist.get_rank() == 0:
+        torch.save({{"part": part.L, "v": full.values, "i": full.ids, "p": full.positions, "n": full.nan_counts}}, sys.argv[1])
+    sd.shutdown()
+    """
+)
+
+
+def test_sae_latents_sharded_by_component_equal_one_process(tmp_path):
+    from tests.test_sae import random_sae
+    from tests.test_transformers import TokenBatches, tiny_bert
+
+    script = tmp_path / "shard.py"
+    script.write_text(_SHARD.format(repo=REPO))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "out.pt")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["part"] == 36  # 71 latents over 2 ranks: 36 + 35
+    model, ds = tiny_bert(), TokenBatches(30, seed=3)
+    want = collect(model, ds, [], k=5, sae={"encoder.layer.1": random_sae(L=71)}, batch_size=8,
+                   collate_fn=ds.collate, progress=False)["encoder.layer.1"]
+    from semlens_fast.ops import TopKState
+
+    assert TopKState(got["v"], got["i"], got["p"], got["n"]).equal(want)

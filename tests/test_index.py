@@ -98,7 +98,7 @@ def test_save_load_round_trip(tmp_path, dtype, mmap):
     back.save(tmp_path / "ix")
     again = EmbeddingIndex.load(tmp_path / "ix")
     assert len(again) == 73 and again.lookup([72]) == [("l3", 2)]
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "ix").iterdir()) == ["manifest.json", "rows", "vectors"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "ix").iterdir()) == [".lock", "manifest.json", "rows", "vectors"]
 
 
 def test_empty_index(tmp_path):
@@ -135,9 +135,9 @@ def test_corrupted_data_detected_with_verify(tmp_path):
     data = bytearray(vec.read_bytes())
     data[-3] ^= 0xFF
     vec.write_bytes(bytes(data))
-    EmbeddingIndex.load(path)  # sizes agree: only the checksum can tell
+    EmbeddingIndex.load(path, verify=False)  # sizes agree: only the checksum can tell
     with pytest.raises(StoreError, match="checksum"):
-        EmbeddingIndex.load(path, verify=True)
+        EmbeddingIndex.load(path)  # verified by default
 
 
 def test_other_version_or_format_raises(tmp_path):

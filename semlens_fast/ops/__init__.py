@@ -9,3 +9,6 @@ __all__ = ["POOLS", "TopKState", "cpu_isa", "merge_topk", "pool_topk_update", "t
 from .similarity import cosine_topk, pairwise_max, pairwise_topk  # noqa: E402
 
 __all__ += ["cosine_topk", "pairwise_max", "pairwise_topk"]
+from .sae import SAE_POOLS, sae_topk_update  # noqa: E402
+
+__all__ += ["SAE_POOLS", "sae_topk_update"]

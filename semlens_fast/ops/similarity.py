@@ -69,6 +69,31 @@ def int16_error_bound(d: int) -> float:
     return 2.0**-15 * (d**0.5 + 1.0) + d * 2.0**-30 + approx_error_bound(d)
 
 
+def tensor_core_error_bound(d: int, query_error: torch.Tensor, row_error: float) -> torch.Tensor:
+    """Bound on |approximate - exact| of a tensor-core candidate pass (Triton backend).
+
+    The approximate score is ``fl(dot(q', x') * fl(1 / sqrt(fl(x . x))))`` where ``q'`` is
+    the float32 unit query rounded to the dot's input format and ``x'`` the row in it
+    (exact for fp16/bf16 rows; TF32 for float32 rows). With ``query_error [Q]`` =
+    ``|q' - q_hat|`` (measured exactly per query) and ``row_error`` a bound on
+    ``|x' - x| / |x|`` (``2**-10`` for TF32, 0 for 16-bit rows):
+
+    * rounding of the inputs: ``|q' . x' - q_hat . x| <= |q' - q_hat| |x'| + |q_hat| |x' - x|``
+      (Cauchy-Schwarz), i.e. ``dq (1 + dx) + dx`` in cosine units;
+    * accumulation: products of two 11-bit significands are exact in float32; summing d of
+      them, however the hardware orders, aligns and truncates, errs by at most
+      ``(d + 16) 2**-22`` of ``sum |q'_i x'_i| <= |q'| |x'|``; ``(d + 16) 2**-21`` covers the
+      norm factors;
+    * the float32 norm, scaling and two ulps: :func:`approx_error_bound`.
+
+    Rows whose float32 squared norm is below ``2**-60`` (where underflow would break
+    these relative bounds) are not handled by the pass (the Triton backend sends such
+    databases to the reference).
+    """
+    dq = query_error.double()
+    return 1.01 * (dq + row_error + dq * row_error) + (d + 16.0) * 2.0**-21 + approx_error_bound(d)
+
+
 def _check_matrix(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         try:
@@ -229,12 +254,32 @@ def cosine_topk(
         )
     if queries.device != db.device:
         raise DeviceError(f"queries are on {queries.device} but db is on {db.device}")
+    if exclude is not None and not isinstance(exclude, torch.Tensor):
+        exclude = _check_exclude(exclude, queries.shape[0], db.shape[0], queries.device)
+    return torch.ops.semlens.cosine_topk(queries, db, k, exclude)
+
+
+# --------------------------------------------------------------------------- registered torch op
+# (the pattern of semlens_fast.ops.topk: metadata checks above, data checks and the
+# backend choice in the op's implementation, shapes from register_fake)
+
+@torch.library.custom_op("semlens::cosine_topk", mutates_args=())
+def _cosine_topk_op(queries: torch.Tensor, db: torch.Tensor, k: int,
+                    exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated metadata (see :func:`cosine_topk`); checks the data, then dispatches."""
     Q, N = queries.shape[0], db.shape[0]
     exclude = _check_exclude(exclude, Q, N, queries.device)
     raise_nonfinite(queries, "queries")
     if Q == 0 or N == 0:
         return empty_result(Q, k, queries.device)
-    return _backend_module(db.device).cosine_topk(queries, db, k, exclude)
+    s, i = _backend_module(db.device).cosine_topk(queries, db, k, exclude)
+    return s, i
+
+
+@_cosine_topk_op.register_fake
+def _(queries, db, k, exclude):
+    Q = queries.shape[0]
+    return (queries.new_empty((Q, k), dtype=torch.float32), queries.new_empty((Q, k), dtype=torch.int64))
 
 
 def pairwise_topk(

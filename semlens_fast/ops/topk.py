@@ -188,11 +188,8 @@ def _as_bcs(fmap: torch.Tensor, state: TopKState) -> tuple[torch.Tensor, int]:
             raise ShapeError(f"fmap has {C} channels (shape {tuple(fmap.shape)} as [B, C, H, W]), the state has {state.channels}")
         if H * W == 0:
             raise ShapeError(f"fmap has an empty spatial extent {H}x{W}; pooling needs at least one position")
-        sb, sc, sh, sw = fmap.stride()
-        ss = sh if W == 1 else (sw if (H == 1 or sh == W * sw) else None)
-        if ss is not None:
-            return fmap.as_strided((B, C, H * W), (sb, sc, ss), fmap.storage_offset()), H * W
-        return fmap.contiguous().view(B, C, H * W), H * W
+        # a view whenever H and W merge (contiguous, channels_last, H or W of 1), else a copy
+        return fmap.flatten(2), H * W
     if fmap.dim() == 3:
         B, T, C = fmap.shape
         if C != state.channels:
@@ -235,11 +232,7 @@ def topk_update(state: TopKState, acts: torch.Tensor, sample_ids: torch.Tensor) 
 
 
 def _run(state: TopKState, view: torch.Tensor, ids: torch.Tensor, pool: str, track: bool) -> None:
-    name = _backend.choose(state.device)
-    if name != "cpu" and bool((ids < 0).any()):  # the C++ kernel checks this itself
-        raise negative_ids_error(ids)
-    if _backend.module(name).pool_topk_update(state, view, ids, pool, track) is False:
-        raise negative_ids_error(ids)
+    torch.ops.semlens.pool_topk_update_(state.values, state.ids, state.positions, state.nan_counts, view, ids, pool, track)
 
 
 def pool_topk_update(
@@ -280,10 +273,62 @@ def merge_topk(a: TopKState, b: TopKState) -> TopKState:
         raise ShapeError(f"a has shape [C, k] = {tuple(a.values.shape)} but b has {tuple(b.values.shape)}; states must agree in C and k")
     if a.device != b.device:
         raise DeviceError(f"a is on {a.device} but b is on {b.device}")
+    out = a.clone()
+    torch.ops.semlens.merge_topk_(out.values, out.ids, out.positions, out.nan_counts,
+                                  b.values, b.ids, b.positions, b.nan_counts)
+    return out
+
+
+def _check_sorted(a: TopKState, b: TopKState) -> None:
     for name, s in (("a", a), ("b", b)):
         v = s.values
         if v.shape[1] > 1 and bool((v[:, 1:] > v[:, :-1]).any()):
             raise ArgumentError(f"{name} is not sorted best first: build states with TopKState.empty and these ops")
-    out = a.clone()
-    _backend_module(a.device).merge_topk(out, b)
-    return out
+
+
+# --------------------------------------------------------------------------- registered torch ops
+#
+# Each public op above validates what its arguments' metadata tell (types, dtypes,
+# shapes, devices: traceable, so torch.compile(fullgraph=True) goes through it), then
+# calls one registered op, ``torch.ops.semlens.<name>``, declared with
+# ``torch.library.custom_op``. The op's implementation runs eagerly (also inside compiled
+# graphs, where it is opaque): it first makes the checks that read the data (negative
+# ids, sortedness, NaN rows) -- so nothing unchecked ever reaches a kernel -- then picks
+# the backend. ``register_fake`` gives shapes to fake and meta tensors; ops that update
+# a TopKState in place name its tensors in ``mutates_args`` and return nothing.
+# A new op follows the same three steps (see docs/ARCHITECTURE.md, "Registered ops").
+
+_STATE_ARGS = ("values", "ids", "positions", "nan_counts")
+
+
+@torch.library.custom_op("semlens::pool_topk_update_", mutates_args=_STATE_ARGS)
+def _pool_topk_update_op(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, nan_counts: torch.Tensor,
+                         x: torch.Tensor, sample_ids: torch.Tensor, pool: str, track: bool) -> None:
+    """Pool ``x [B, C, S]`` and merge into the state in place (validated by the public ops)."""
+    state = TopKState(values, ids, positions, nan_counts)
+    name = _backend.choose(state.device)
+    if name != "cpu" and bool((sample_ids < 0).any()):  # the C++ kernel checks this itself
+        raise negative_ids_error(sample_ids)
+    if _backend.module(name).pool_topk_update(state, x, sample_ids, pool, track) is False:
+        raise negative_ids_error(sample_ids)
+
+
+@_pool_topk_update_op.register_fake
+def _(values, ids, positions, nan_counts, x, sample_ids, pool, track) -> None:
+    return None
+
+
+@torch.library.custom_op("semlens::merge_topk_", mutates_args=_STATE_ARGS)
+def _merge_topk_op(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, nan_counts: torch.Tensor,
+                   b_values: torch.Tensor, b_ids: torch.Tensor, b_positions: torch.Tensor,
+                   b_nan_counts: torch.Tensor) -> None:
+    """Merge state ``b`` into the state in place (validated by :func:`merge_topk`)."""
+    out = TopKState(values, ids, positions, nan_counts)
+    b = TopKState(b_values, b_ids, b_positions, b_nan_counts)
+    _check_sorted(out, b)
+    _backend_module(out.device).merge_topk(out, b)
+
+
+@_merge_topk_op.register_fake
+def _(values, ids, positions, nan_counts, b_values, b_ids, b_positions, b_nan_counts) -> None:
+    return None

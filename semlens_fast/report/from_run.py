@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from .._io import read_json
 from .._version import __version__
 from .data import ComponentCard, LayerSection, ReportData, SearchSection, pca_2d
 from .html import write_report
@@ -28,13 +27,14 @@ SEARCH_COLUMNS = ["rank", "layer", "component", "score", "label"]
 
 
 def _json(run: Any, name: str) -> Any:
-    f = run.file(name)
-    if not f.exists():
-        return None
-    data = read_json(f)
-    if isinstance(data, dict) and data.get("run_id", run.id) != run.id:
-        return None  # from another run: ignored (the command that writes it says so)
-    return data
+    """A JSON artifact of the run, checked (content hash; damaged: RunMismatchError); None when
+    absent or from another run (ignored: the command that writes it says so)."""
+    from ..workspace import load_labels, read_artifact
+
+    if name == "labels.json":
+        return load_labels(run, other_run_ok=True)
+    data = read_artifact(run, name)
+    return data if isinstance(data, dict) else None
 
 
 def _images(ds: Any, ids: list[int]) -> list[Any]:

@@ -2,8 +2,11 @@
 
 No external resources: inline CSS, inline SVG for the concept map and a few lines of inline
 JS that record errors and count loaded images into ``document.body.dataset`` (used by the
-browser test). The folder is built beside its final place and renamed into it, so a failure
-never leaves a half-written report under the final name.
+browser test). The folder is built beside its final place and swapped in with one atomic
+``renameat2(RENAME_EXCHANGE)`` (Linux), so at every instant the final name holds a complete
+report, the old or the new one; a crash leaves at most a hidden sibling folder, which the next
+write removes. (Where the exchange is unavailable: two renames, with a short window without
+a report.)
 """
 from __future__ import annotations
 
@@ -302,6 +305,42 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if the
+    system or the file system cannot."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    import errno
+
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove hidden build/old folders of earlier interrupted writes of ``out`` (only those
+    that write_report marked, or still empty)."""
+    for p in out.parent.glob(f".{out.name}.*"):
+        if not p.is_dir() or p.is_symlink() or not (p.name.endswith(".tmp") or ".old-" in p.name):
+            continue
+        if (p / MARKER).exists() or not any(p.iterdir()) or (p / "img").is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _prepare_parent(out: Path, overwrite: bool) -> None:
     """Create the parent folder and check that ``out`` may be (re)placed; errors name the path."""
     parent = out.parent
@@ -329,38 +368,48 @@ def _prepare_parent(out: Path, overwrite: bool) -> None:
 def write_report(out_dir: str | os.PathLike, data: ReportData, *, overwrite: bool = True) -> Path:
     """Write ``data`` as ``out_dir/index.html`` + ``out_dir/img/*.png``; return the index path.
 
-    The report is built in a temporary sibling folder and renamed into place; an existing
-    report is replaced only when ``overwrite`` (and only if it is empty or was written by this
-    function). On failure any previous report is left intact.
+    The report is built in a temporary sibling folder and swapped into place atomically (see
+    the module docstring); an existing report is replaced only when ``overwrite`` (and only if
+    it is empty or was written by this function). On failure any previous report is left intact.
     """
+    from .._io import dir_mode, file_mode
+
     validate(data)
     out = Path(out_dir).absolute()
     _prepare_parent(out, overwrite)
+    _clean_stale(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent)))
     except OSError as exc:
         raise ArgumentError(f"out_dir {str(out)!r}: its parent folder is not writable: {exc}") from exc
     old: Path | None = None
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be read
+        os.chmod(tmp, dir_mode())  # mkdtemp makes it private; a report is meant to be read (as the umask allows)
         page = render(data, _Images(tmp))
         index = tmp / "index.html"
         index.write_text(page, encoding="utf-8")
         (tmp / MARKER).write_text("written by semlens_fast.report.write_report\n", encoding="utf-8")
-        for f in (index, *(tmp / "img").iterdir()):
+        for f in (index, tmp / MARKER, *(tmp / "img").iterdir()):
+            with contextlib.suppress(OSError):
+                os.chmod(f, file_mode())
             _fsync(f)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp / "img", dir_mode())
         _fsync(tmp / "img")
         _fsync(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:
-                os.rename(old, out)  # put the previous report back
-                old = None
-            raise
+        if out.exists() and _exchange(tmp, out):
+            old = tmp  # the temporary name now holds the previous report, out the new one
+        else:
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if old is not None:
+                    os.rename(old, out)  # put the previous report back
+                    old = None
+                raise
         _fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

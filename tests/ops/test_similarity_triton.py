@@ -55,11 +55,12 @@ def test_triton_equals_reference_on_ties(case):
     assert torch.equal(s.view(torch.int32), rs.view(torch.int32))
 
 
+@pytest.mark.parametrize("d", [20, 48])  # padded to 32 / used in place (d divisible by 16)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_random_data_and_multiple_tiles(dtype):
+def test_triton_random_data_and_multiple_tiles(dtype, d):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 20, generator=g).to(dtype)
-    x = torch.randn(70, 20, generator=g).to(dtype)  # 3 row tiles, 2 feature blocks... (BD=32 > 20: masked)
+    q = torch.randn(3, d, generator=g).to(dtype)
+    x = torch.randn(70, d, generator=g).to(dtype)  # 2 row tiles of 64; 1 or 2 feature blocks of 32
     x[4] = 0
     s, i = run(q, x, 4, None)
     rs, ri = ref.cosine_topk(q, x, 4, None)
@@ -81,3 +82,80 @@ def test_triton_packed_keys_order_negative_scores_and_ties():
     rs, ri = ref.cosine_topk(q, x, 5, None)
     assert torch.equal(i, ri) and torch.equal(s, rs)
     assert i[0].tolist() == [2, 1, 3, 0, 4]
+
+
+def test_triton_exact_scan_path_with_massive_ties():
+    """k beyond the kernel's candidate lists (MAX_CANDIDATES): every query is an exact scan."""
+    k = tr.MAX_CANDIDATES  # K' = k + k // 4 > MAX_CANDIDATES
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).repeat(100, 1)  # 300 rows, 3 distinct
+    q = torch.tensor([[1.0, 0.5], [0.0, 0.0]])
+    s, i = run(q, x, k, None)
+    rs, ri = ref.cosine_topk(q, x, k, None)
+    assert torch.equal(i, ri) and torch.equal(s.view(torch.int32), rs.view(torch.int32))
+
+
+def test_triton_tiny_rows_use_the_reference():
+    """Rows of tiny norm (below the bound's underflow limit) are searched by the reference, exactly."""
+    x = torch.randn(20, 6)
+    x[3] = torch.tensor([1e-20, -2e-20, 0.0, 0.0, 3e-20, 0.0])
+    q = x[3:4] * 1e20
+    s, i = run(q, x, 3, None)
+    rs, ri = ref.cosine_topk(q, x, 3, None)
+    assert i[0, 0] == 3 and torch.equal(i, ri) and torch.equal(s, rs)
+
+
+def test_grid_sized_from_rows_and_sm_count():
+    for Q, N, sms in ((1, 10**6, 132), (1024, 10**6, 132), (3, 50, 132), (64, 10**5, 8)):
+        splits, rps = tr.grid_splits(Q, N, sms)
+        assert rps % 128 == 0 and (splits - 1) * rps < N <= splits * rps
+    assert tr.grid_splits(1, 10**6, 132)[0] > tr.grid_splits(1024, 10**6, 132)[0]  # few queries: more splits
+    assert tr.grid_splits(1, 10**6, 132)[0] > tr.grid_splits(1, 10**6, 8)[0]  # more SMs: more splits
+
+
+def _emulated_pass(q, x, dot, trunc_acc):
+    """The candidate pass's arithmetic emulated in torch (inputs rounded like the kernel's dot)."""
+    qhat = tr._unit_queries(q.float())
+    if dot == 1:
+        qd, xd = qhat.half().float(), x.float()
+    elif dot == 2:
+        qd, xd = qhat.bfloat16().float(), x.float()
+    else:  # TF32 by truncation of the low 13 mantissa bits
+        qd = (qhat.view(torch.int32) & ~0x1FFF).view(torch.float32)
+        xd = (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+    acc = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float32)
+    for i in range(q.shape[1]):  # float32 accumulation, optionally truncating every partial sum
+        exact = acc.double() + qd[:, i : i + 1].double() * xd[:, i].double()
+        acc = exact.float()
+        if trunc_acc:
+            over = acc.double().abs() > exact.abs()
+            acc = torch.where(over, torch.nextafter(acc, torch.zeros_like(acc)), acc)
+    xf = x.float()
+    inv = 1.0 / torch.sqrt((xf * xf).sum(dim=1))
+    return acc * inv, tr.query_rounding_error(qhat, dot)
+
+
+@pytest.mark.parametrize("dot, dtype", [(0, torch.float32), (1, torch.float16), (2, torch.bfloat16)])
+def test_tensor_core_error_bound_holds_on_emulated_rounding(dot, dtype):
+    """|approximate - exact| <= bound, with inputs rounded to TF32/fp16/bf16 and a truncating
+    float32 accumulator (the worst the hardware does), on random and on wide-range data."""
+    from semlens_fast.ops.similarity import tensor_core_error_bound
+
+    g = torch.Generator().manual_seed(dot)
+    d = 256
+    x = torch.randn(64, d, generator=g) * torch.logspace(-3, 3, d)[torch.randperm(d, generator=g)]
+    x = torch.cat([x, torch.randn(64, d, generator=g)]).to(dtype)
+    q = torch.cat([x[:8].float() + 0.01 * torch.randn(8, d, generator=g), torch.randn(8, d, generator=g)])
+    exact = ref.exact_scores(q, x).double()
+    for trunc in (False, True):
+        approx, qerr = _emulated_pass(q, x, dot, trunc)
+        eps = tensor_core_error_bound(d, qerr, 2.0**-10 if dtype == torch.float32 else 0.0)
+        gap = (approx.double() - exact).abs().amax(dim=1)
+        assert bool((gap <= eps).all()), (gap / eps).max()
+        assert bool((eps < 0.02).all())  # and the bound stays useful
+
+
+def test_query_rounding_error_is_exact():
+    q = tr._unit_queries(torch.randn(5, 33))
+    assert torch.allclose(tr.query_rounding_error(q, 1), (q.half().double() - q.double()).norm(dim=1), rtol=0, atol=0)
+    assert bool((tr.query_rounding_error(q, 0) >= (q.bfloat16().double() - q.double()).norm(dim=1) / 16).all())
+    assert tr.dot_mode(torch.float16) == 1 and tr.dot_mode(torch.float32) == 0
