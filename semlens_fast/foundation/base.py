@@ -118,10 +118,17 @@ def _image_to_tensor(img: Any, i: int) -> torch.Tensor:
     return t
 
 
-def _check_bare(images: Any) -> None:
+def _check_bare(images: Any, min_size: int = 1) -> None:
     """A bare ``[3, H, W]`` tensor is ambiguous: one RGB image, or three grey images ``[N, H, W]`` (how data sets
-    store them). Refuse it rather than guess; a list (``[img]``) or a batch axis says which."""
+    store them). Refuse it rather than guess; a list (``[img]``) or a batch axis says which. Tensors that are
+    wrong under either reading (a dtype that is not an image's, fewer than ``min_size`` pixels a side) are left
+    to the checks that name that problem."""
     shape = tuple(getattr(images, "shape", ()))
+    dtype = getattr(images, "dtype", None)
+    if dtype is not None and isinstance(images, torch.Tensor) and not (dtype == torch.uint8 or dtype.is_floating_point):
+        return
+    if len(shape) == 3 and min(shape[1], shape[2]) < min_size:
+        return
     if len(shape) == 3 and shape[0] == 3 and not (shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4)):
         raise ShapeError(
             f"images of shape {shape} are ambiguous: one RGB image [3, H, W] or three grey images "
@@ -244,7 +251,7 @@ class FoundationModel:
         self._check_modality(IMAGE)
         S = int(self.image_size or 224)
         if isinstance(images, torch.Tensor):
-            _check_bare(images)
+            _check_bare(images, self.min_image_size)
             if images.dim() == 4:
                 seq: Sequence[Any] = list(images.unbind(0)) if images.shape[0] else []
             elif images.dim() in (2, 3):
@@ -254,7 +261,7 @@ class FoundationModel:
         elif isinstance(images, (list, tuple)):
             seq = images
         else:
-            _check_bare(images)
+            _check_bare(images, self.min_image_size)
             seq = [images]
         if len(seq) == 0:
             return torch.zeros(0, 3, S, S)
@@ -302,7 +309,7 @@ class FoundationModel:
             if isinstance(images, torch.Tensor) and images.dim() not in (2, 3, 4):
                 raise ShapeError(f"images must be [B, C, H, W], [C, H, W] or [H, W], got shape {tuple(images.shape)}")
             if not isinstance(images, (list, tuple)):
-                _check_bare(images)
+                _check_bare(images, self.min_image_size)
             seq = list(images.unbind(0)) if isinstance(images, torch.Tensor) and images.dim() == 4 else (
                 images if isinstance(images, (list, tuple)) else [images])
             n = len(seq)
