@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +173,7 @@ def build_case(arch: str, mark: str | Mark, target: int, seed: int, *, n_train: 
     if base.source != "fashion-mnist":
         raise ArgumentError("the planted-artifact cases need Fashion-MNIST (apt-get install dataset-fashion-mnist)")
     spec = {"arch": arch, "mark": [mk.name, list(map(list, mk.pixels)), mk.value], "target": int(target),
-            "seed": int(seed), "n_train": n_train, "steps": steps, "fraction": fraction, "k": k, "v": 1}
+            "seed": int(seed), "n_train": n_train, "steps": steps, "fraction": fraction, "k": k, "v": 2}
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "planted"
     folder = root / f"{arch}-{mk.name}-c{target}-s{seed}-{_digest(spec)}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,6 +186,7 @@ def build_case(arch: str, mark: str | Mark, target: int, seed: int, *, n_train: 
     data.marked = marked  # type: ignore[attr-defined]
     test = ImageDataset(test_all.images[:n_test].clone(), test_all.labels[:n_test].clone(), "fashion-mnist-test",
                         base.classes, base.mean, base.std)
+    torch.manual_seed(seed)  # the initial weights are part of the case: seeded, not whatever the global RNG holds
     model = _make_model(arch)
     wfile = folder / "model.safetensors"
     if wfile.exists():
@@ -355,6 +355,10 @@ def score_audit(case: PlantedCase, report: Any, truth: dict[str, Any], which: st
               if "changed_by_transform" in s]
         if un:
             out["listed_unchanged_share"] = sum(un) / len(un)
+        cls = (report.method.get("samples") or {}).get("class")
+        if cls is not None and getattr(case.data, "labels", None) is not None:
+            # the base rate: the share of the listed class's training images that carry the mark
+            out["class_marked_rate"] = float(case.data.marked[case.data.labels == int(cls)].float().mean())
     if report.agreement:
         out["agreement"] = dict(report.agreement)
         causal = torch.tensor([bool(r.get("causal", False)) for r in rows])
