@@ -180,13 +180,13 @@ def stamp_picture(cfg: DemoConfig) -> torch.Tensor:
 
 
 def benchmark_figures() -> dict[str, Any] | None:
-    """The stored summary of the planted-artifact benchmark (a source checkout's benchmarks/results_planted.json)."""
+    """The stored summary of the planted-artifact benchmark (a source checkout's benchmarks/results/planted.json)."""
     import json
 
-    f = Path(__file__).resolve().parent.parent / "benchmarks" / "results_planted.json"
+    f = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "planted.json"
     try:
         data = json.loads(f.read_text())
-        return {"cases": data["meta"].get("cases"), "summary": data["summary"]}
+        return {"cases": data["meta"].get("cases"), "grid": data["meta"].get("grid"), "summary": data["summary"]}
     except (OSError, ValueError, KeyError):
         return None
 
@@ -278,10 +278,12 @@ def _run_demo(run: Run, base: Any, test: Any, mask: torch.Tensor, cfg: DemoConfi
     mark = {(n, c) for n in cfg.layers for c in truth["layers"][n]["act"].nonzero().flatten().tolist()}
     used = {(n, c) for n in cfg.layers for c in truth["layers"][n]["abl"].nonzero().flatten().tolist()}
 
-    # ---- the audit: knows the stamp's transform only
+    # ---- the audit: knows the stamp's transform (pasting it where it is seen) and a picture of it, nothing else;
+    # two spurious probes of one calibrated audit (Bonferroni over the two)
     rel = class_relevance(run, cfg.layers, progress=progress)
-    audit = vlens.audit(spurious={"stamp": stamp_transform(cfg)}, model=model, data=ds, relevance=rel,
-                        layers=cfg.layers, top=AUDIT_TOP, relevance_samples=cfg.relevance_samples)
+    audit = vlens.audit(spurious={"stamp": stamp_transform(cfg), "stamp (picture)": stamp_picture(cfg)}, model=model,
+                        data=ds, relevance=rel, layers=cfg.layers, top=AUDIT_TOP,
+                        relevance_samples=cfg.relevance_samples)
     save_audit(run, audit, source="demo")
     pic_audit = vlens.audit(spurious={"stamp (picture)": stamp_picture(cfg)}, model=model, data=ds, relevance=rel,
                             layers=cfg.layers, top=AUDIT_TOP, causal=False)
@@ -357,7 +359,8 @@ def _run_demo(run: Run, base: Any, test: Any, mask: torch.Tensor, cfg: DemoConfi
     say(f"Truth: {len(mark)} channels encode it ({findings['truth']['definition']}): "
         + ", ".join(f"{n}:{c}" for n, c in sorted(mark)))
     a = findings["audit"]
-    say(f"Audit (knows only the stamp's transform; calibrated against placebo artifacts, FDR {audit.fdr:g}): "
+    say(f"Audit (knows only the stamp's transform and a picture of it; calibrated against placebo artifacts and "
+        f"random crops, FDR {audit.fdr:g}): "
         f"{a['found']} channels flagged, {a['true']} of them encode the mark (precision {a['precision']:.2f}, "
         f"recall {a['recall']:.2f}).")
     if audit.classes:
@@ -388,9 +391,12 @@ def _run_demo(run: Run, base: Any, test: Any, mask: torch.Tensor, cfg: DemoConfi
         f"{st['found']}. {TEXT_CAVEAT}")
     b = findings["benchmark"]
     if b:
-        t = b["summary"].get("transform", {})
-        say(f"Planted-artifact benchmark ({b['cases']} cases: 6 marks, 3 classes, several architectures and seeds; "
-            f"benchmarks/PLANTED.md): transform route mean precision {t['precision']['mean']:.2f} (worst "
+        route = "both" if "both" in b["summary"] else "transform"
+        t = b["summary"].get(route, {})
+        gr = b.get("grid") or {}
+        say(f"Planted-artifact benchmark ({b['cases']} cases: marks {gr.get('marks')}, architectures "
+            f"{gr.get('archs')}, seeds {gr.get('seeds')}; benchmarks/PLANTED.md): route '{route}' (as here) mean "
+            f"precision {t['precision']['mean']:.2f} (worst "
             f"{t['precision']['worst']:.2f}), recall {t['recall']['mean']:.2f} (worst {t['recall']['worst']:.2f}), "
             f"affected class at rank 1 in {t['class_rank1']:.0%} of cases.")
     if report:

@@ -1,7 +1,10 @@
-"""A reduced planted-artifact benchmark (benchmarks/planted.py is the full one): two cases, two
-architectures, two marks, trained here on small Fashion-MNIST subsets; the calibrated audit, knowing
-only the mark's transform (or a picture of it), must find the mark channels, name the marked class and
-list training images that carry the mark."""
+"""A reduced planted-artifact case (benchmarks/planted.py runs the family): one small CNN trained here on a
+Fashion-MNIST subset with a planted square. The calibrated audit, knowing only the mark's transform and a
+picture of it, must rank the mark channels high, flag true ones under its FDR, name the marked class and
+list training images that carry the mark; the FM-free causal check must confirm the true channels.
+The thresholds are the issue's targets where one case can be held to them, and looser where the benchmark
+shows the family varies (see benchmarks/PLANTED.md): this test guards against regressions, the benchmark
+measures."""
 from __future__ import annotations
 
 import pytest
@@ -11,59 +14,69 @@ from semlens_fast.data import fashion_mnist_available
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs dataset-fashion-mnist")
 
-CASES = [("cnn", "square", 2, 0), ("bncnn", "cross", 4, 0)]
-
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
+def case(tmp_path_factory):
     from semlens_fast.audit import class_relevance
     from semlens_fast.planted import build_case, ground_truth
 
-    cache = tmp_path_factory.mktemp("planted")
-    out = []
-    for arch, mark, target, seed in CASES:
-        case = build_case(arch, mark, target, seed, n_train=6000, steps=400, cache_dir=cache)
-        truth = ground_truth(case, n=500, n_ablation=128)
-        rel = class_relevance(case.model, case.data, case.layers, n_per_class=48)[0]
-        out.append((case, truth, rel))
-    return out
+    c = build_case("cnn", "square", 0, 0, n_train=4000, steps=300, cache_dir=tmp_path_factory.mktemp("planted"))
+    truth = ground_truth(c, n=500, n_ablation=128)
+    rel = class_relevance(c.model, c.data, c.layers, n_per_class=48)[0]
+    return c, truth, rel
 
 
-def test_models_rely_on_the_mark(cases):
-    for case, truth, _ in cases:
-        m = case.metrics
-        assert m["others_to_target_marked"] > m["others_to_target_clean"] + 0.1, case.key
-        assert truth["logit_gain"] > 1.0
-        assert sum(int(v["act"].sum()) for v in truth["layers"].values()) >= 3, case.key
+def test_the_model_relies_on_the_mark(case):
+    c, truth, _ = case
+    m = c.metrics
+    assert m["others_to_target_marked"] > m["others_to_target_clean"] + 0.1, m
+    assert truth["logit_gain"] > 1.0
+    assert sum(int(v["act"].sum()) for v in truth["layers"].values()) >= 3
 
 
-def test_transform_audit_finds_the_mark(cases):
+def test_cases_are_reproducible(case, tmp_path):
+    """Same (arch, mark, class, seed): the same initial weights and training, whatever the global RNG held."""
+    from semlens_fast.planted import build_case
+
+    c, _, _ = case
+    torch.manual_seed(12345)
+    again = build_case("cnn", "square", 0, 0, n_train=4000, steps=5, cache_dir=tmp_path / "a")
+    torch.manual_seed(999)
+    other = build_case("cnn", "square", 0, 0, n_train=4000, steps=5, cache_dir=tmp_path / "b")
+    for (k, v), (_, w) in zip(again.model.state_dict().items(), other.model.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_audit_with_transform_and_picture(case):
     from semlens_fast.lens import Lens
     from semlens_fast.planted import score_audit
 
-    for case, truth, rel in cases:
-        rep = Lens(case.db, case.fm).audit(spurious={"mark": case.mark}, model=case.model, data=case.data,
-                                           relevance=rel, n_causal=128, reference_pool=256)
-        s = score_audit(case, rep, truth)
-        assert s["auc"] >= 0.8, (case.key, s)
-        assert s["n_flagged"] >= 2 and s["precision"] >= 0.5 and s["recall"] >= 0.3, (case.key, s)
-        assert s["first_true_rank"] <= 3, (case.key, s)
-        assert s["class_correct"], (case.key, s, rep.classes[:3])
-        assert s["listed_marked_share"] >= 0.7, (case.key, s)
-        assert s["causal_recall"] >= 0.8  # the FM-free check confirms (nearly) every true channel
-        assert s["agreement"]["flagged_and_causal"] >= s["true_positives"] * 0.8
+    c, truth, rel = case
+    pic, _ = c.mark.picture()
+    rep = Lens(c.db, c.fm).audit(spurious={"mark": c.mark, "mark (picture)": pic}, model=c.model, data=c.data,
+                                 relevance=rel, n_causal=128, reference_pool=256)
+    s = score_audit(c, rep, truth)
+    assert all(r["q_value"] <= rep.fdr for r in rep.flagged)
+    assert s["auc"] >= 0.8 and s["first_true_rank"] <= 3, s
+    assert s["n_flagged"] >= 1 and s["precision"] >= 0.5, s
+    assert s["class_correct"], (s, rep.classes[:3])
+    assert s["listed_marked_share"] >= 0.7, s
+    # the FM-free check confirms (nearly) every true channel
+    assert s["causal_recall"] >= 0.8, s
+    assert rep.agreement["flagged_and_causal"] >= 1
 
 
-def test_picture_audit_ranks_the_mark_channels_high(cases):
+def test_transform_and_picture_routes_rank_the_mark_channels(case):
     from semlens_fast.lens import Lens
     from semlens_fast.planted import score_audit
 
-    case, truth, rel = cases[0]
-    pic, _ = case.mark.picture()
-    rep = Lens(case.db, case.fm).audit(spurious={"mark": pic}, model=case.model, data=case.data, relevance=rel,
-                                       causal=False, reference_pool=256)
-    s = score_audit(case, rep, truth)
-    assert s["auc"] >= 0.75 and s["first_true_rank"] <= 5, s
+    c, truth, rel = case
+    pic, _ = c.mark.picture()
+    lens = Lens(c.db, c.fm)
+    for sp in ({"mark": c.mark}, {"mark": pic}):
+        rep = lens.audit(spurious=sp, data=c.data, relevance=rel, causal=False)
+        s = score_audit(c, rep, truth)
+        assert s["auc"] >= 0.75 and s["first_true_rank"] <= 5, (list(rep.probe_kinds.values()), s)
 
 
 def test_score_audit_and_auc():
