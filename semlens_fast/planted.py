@@ -102,16 +102,19 @@ MARKS: dict[str, Mark] = {m.name: m for m in (
 ARCHITECTURES = ("cnn", "bncnn", "resnet")
 
 
-def _make_model(arch: str) -> nn.Module:
+def make_model(arch: str, seed: int) -> nn.Module:
+    """The untrained network of a case: its initial weights depend on ``seed`` only (not on the global RNG)."""
     from .models import BatchNormCNN, FashionCNN, SmallResNet
 
-    if arch == "cnn":
-        return FashionCNN()
-    if arch == "bncnn":
-        return BatchNormCNN()
-    if arch == "resnet":
-        return SmallResNet()
-    raise ArgumentError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    kinds = {"cnn": FashionCNN, "bncnn": BatchNormCNN, "resnet": SmallResNet}
+    if arch not in kinds:
+        raise ArgumentError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return kinds[arch]()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 # ---------------------------------------------------------------------- a case
@@ -186,8 +189,7 @@ def build_case(arch: str, mark: str | Mark, target: int, seed: int, *, n_train: 
     data.marked = marked  # type: ignore[attr-defined]
     test = ImageDataset(test_all.images[:n_test].clone(), test_all.labels[:n_test].clone(), "fashion-mnist-test",
                         base.classes, base.mean, base.std)
-    torch.manual_seed(seed)  # the initial weights are part of the case: seeded, not whatever the global RNG holds
-    model = _make_model(arch)
+    model = make_model(arch, seed)  # the initial weights are part of the case
     wfile = folder / "model.safetensors"
     if wfile.exists():
         model.load_state_dict(read_tensors(wfile))
