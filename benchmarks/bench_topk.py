@@ -5,6 +5,8 @@
   initialised at 0), a plain fp32 cat + ``torch.topk`` + gather, and our torch
   reference. Activations cycle through a pool of 32 distinct random batches (64 MB,
   larger than the caches, so every batch is read from memory as a fresh one would be).
+* ``topk_update`` at k = 10,000 (the first 32 batches of 256, lists filling), ours vs the
+  same peers (the torch reference is left out: minutes per run).
 * ``pool_topk_update`` on fp32 feature maps [256, 2048, 7, 7] and [64, 256, 56, 56]
   (contiguous and channels_last) with pool = max, vs ``torch.amax`` over the spatial
   dims of the same maps alone.
@@ -88,6 +90,23 @@ def test_topk_update(benchmark, batches, impl, k):
     fn(acts, ids[: min(4, NB)], k)  # warm-up (threads, allocator)
     rounds = 1 if impl == "ours torch reference" else 3  # the spec is slow (two stable sorts per batch)
     benchmark.pedantic(fn, args=(acts, ids, k), rounds=rounds, iterations=1)
+
+
+LARGE_K = 10_000
+LARGE_K_BATCHES = scaled(32, 4)  # <= POOL_BATCHES: no batch repeats
+
+
+@pytest.mark.parametrize("impl", ["ours", "plain fp32 cat+topk", "semanticlens ActMax.update"])
+def test_topk_update_large_k(benchmark, impl):
+    """k = 10,000 (issue 20.7): the first LARGE_K_BATCHES batches of 256 fresh samples, while
+    the lists fill (every sample is a candidate, the worst case for sorted insertion)."""
+    g = torch.Generator().manual_seed(5)
+    acts = [torch.randn(B, C, generator=g) for _ in range(LARGE_K_BATCHES)]
+    ids = [torch.arange(i * B, (i + 1) * B) for i in range(LARGE_K_BATCHES)]
+    benchmark.group = f"topk_update C={C} B={B} k={LARGE_K} (first {LARGE_K_BATCHES} batches)"
+    benchmark.extra_info.update({"items": LARGE_K_BATCHES * B, "unit": "samples", "ours": impl == "ours", "label": impl})
+    fn = {"ours": _ours, "plain fp32 cat+topk": _plain_fp32, "semanticlens ActMax.update": _semanticlens}[impl]
+    benchmark.pedantic(fn, args=(acts, ids, LARGE_K), rounds=1, iterations=1)
 
 
 MAPS = {"[256,2048,7,7]": (256, 2048, 7, 7), "[64,256,56,56]": (64, 256, 56, 56)}

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # every suite
     python benchmarks/run.py bench_topk.py   # some suites (the others keep their stored results)
+    python benchmarks/run.py relevance       # short name: every bench_relevance*.py
     SEMLENS_BENCH_SCALE=0.1 python benchmarks/run.py   # quick, smaller data
 
 Each suite puts the implementations that compete in one pytest-benchmark *group*; the
@@ -87,6 +88,10 @@ def tables(data: dict) -> list[str]:
             out.append(f"| {label}{' — ' + extra if extra else ''} | {_fmt_time(st['mean'])} | {_fmt_time(st['min'])} | {thr} | {ratio} |")
             del name
         out.append("")
+        for r in rows:  # suites may add a table of their own (e.g. the relevance evaluation)
+            md = r.get("extra_info", {}).get("markdown")
+            if md:
+                out += [md.rstrip(), ""]
     return out
 
 
@@ -139,15 +144,29 @@ def write_markdown() -> Path:
     return out
 
 
+def resolve_suite(name: str) -> list[str]:
+    """A suite file (``bench_topk.py``) or a short name: ``relevance`` -> every ``bench_relevance*.py``."""
+    if (HERE / name).is_file():
+        return [name]
+    return sorted(p.name for p in HERE.glob(f"bench_{name}*.py"))
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    unknown = [a for a in argv if not (HERE / a).is_file()]
+    suites = []
+    unknown = []
+    for a in argv:
+        found = resolve_suite(a)
+        suites += found
+        if not found:
+            unknown.append(a)
     if unknown:
-        print(f"unknown suite(s) {unknown}; expected names of benchmarks/bench_*.py", file=sys.stderr)
+        print(f"unknown suite(s) {unknown}; expected names of benchmarks/bench_*.py or a short name such as "
+              f"'relevance' (every bench_relevance*.py)", file=sys.stderr)
         return 2
-    suites = argv or sorted(p.name for p in HERE.glob("bench_*.py"))
+    suites = list(dict.fromkeys(suites)) or sorted(p.name for p in HERE.glob("bench_*.py"))
     rc = 0
     for suite in suites:
         rc = run_suite(suite) or rc

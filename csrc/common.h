@@ -5,6 +5,7 @@
 // inline function compiled for AVX-512 can leak into the scalar path.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -92,6 +93,70 @@ struct PoolArgs {
     int pool;
     bool track_pos;     // record the position of the max (max/absmax)
     int nthreads;
+    // from this k on (<= 0: never), candidates are collected per channel over a run of
+    // samples and merged into the sorted list in one pass (see topk_kernel.h)
+    int64_t merge_k = 0;
 };
+
+// A candidate entry waiting to be merged into a list (batched mode of the top-k kernel).
+struct Cand {
+    float v;
+    int32_t p;
+    int64_t id;
+};
+
+// The comparator lives in an anonymous namespace: every translation unit (each compiled
+// for its own SIMD target) instantiates std::sort with its own type, so no instantiation
+// compiled for AVX-512 can be shared with the scalar path by the linker.
+namespace {
+struct CandBetter {
+    bool operator()(const Cand& x, const Cand& y) const { return better(x.v, x.id, y.v, y.id); }
+};
+}  // namespace
+
+// Merge the m candidates S (any order; sorted in place) into one channel's sorted top-k
+// list (vals, ids, pos; pos may be nullptr) in one pass, the same result as m calls of
+// insert_entry in O(k + m log m): entries above the first position a candidate beats stay
+// where they are; from there the list and the candidates are merged (branch-free) into
+// the scratch arrays (tv, ti, tp: k entries each) until the last candidate is placed, the
+// rest of the list moves down by the number of candidates placed, and the merged part is
+// copied back.
+static inline void merge_candidates(float* vals, int64_t* ids, int32_t* pos, int64_t k, Cand* S, int64_t m,
+                                    float* tv, int64_t* ti, int32_t* tp) {
+    if (m <= 0) return;
+    std::sort(S, S + m, CandBetter());
+    if (!better(S[0].v, S[0].id, vals[k - 1], ids[k - 1])) return;
+    int64_t lo = 0, hi = k - 1;  // first j with S[0] better than entry j
+    while (lo < hi) {
+        int64_t mid = (lo + hi) >> 1;
+        if (better(S[0].v, S[0].id, vals[mid], ids[mid])) hi = mid; else lo = mid + 1;
+    }
+    // candidates that can enter: at most k - lo, the rest is cut
+    if (m > k - lo) m = k - lo;
+    const int64_t n = k - lo;
+    int64_t x = lo, y = 0, o = 0;
+    // x < k always: o = (x - lo) + y < n
+    for (; o < n && y < m; ++o) {
+        const float lv = vals[x], sv = S[y].v;
+        const int64_t li = ids[x], si = S[y].id;
+        const bool t = (sv > lv) | ((sv == lv) & (static_cast<uint64_t>(si) < static_cast<uint64_t>(li)));
+        tv[o] = t ? sv : lv;
+        ti[o] = t ? si : li;
+        if (pos != nullptr) tp[o] = t ? S[y].p : pos[x];
+        y += t;
+        x += !t;
+    }
+    // o merged entries; the list entries [x, x + n - o) follow unchanged (y = m, or the
+    // list is full with better entries); they move from x to lo + o >= x
+    const int64_t rest = n - o;
+    if (rest > 0 && lo + o != x) {
+        std::memmove(vals + lo + o, vals + x, static_cast<size_t>(rest) * sizeof(float));
+        std::memmove(ids + lo + o, ids + x, static_cast<size_t>(rest) * sizeof(int64_t));
+        if (pos != nullptr) std::memmove(pos + lo + o, pos + x, static_cast<size_t>(rest) * sizeof(int32_t));
+    }
+    std::memcpy(vals + lo, tv, static_cast<size_t>(o) * sizeof(float));
+    std::memcpy(ids + lo, ti, static_cast<size_t>(o) * sizeof(int64_t));
+    if (pos != nullptr) std::memcpy(pos + lo, tp, static_cast<size_t>(o) * sizeof(int32_t));
+}
 
 }  // namespace slf

@@ -95,21 +95,23 @@ void register_similarity(py::module_& m) {
         "sim_candidates",
         [](uintptr_t q, int64_t Q, int64_t d, uintptr_t x, int dtype, int64_t N, int64_t xs, int64_t K,
            uintptr_t vals, uintptr_t ids, uintptr_t excl, int64_t mex, uintptr_t bad, int64_t max_bad,
-           int nthreads, uintptr_t q16) {
+           int nthreads, uintptr_t q16, int64_t merge_k) {
             int64_t n_bad = 0;
             slf::SimArgs a{reinterpret_cast<const float*>(q), Q, d, reinterpret_cast<const void*>(x), dtype, N, xs, K,
                            reinterpret_cast<float*>(vals), reinterpret_cast<int64_t*>(ids),
                            reinterpret_cast<const int64_t*>(excl), mex, reinterpret_cast<int64_t*>(bad), max_bad,
                            &n_bad, nthreads, reinterpret_cast<const int16_t*>(q16)};
+            a.merge_k = merge_k;
             slf::sim_dispatch(a);
             return n_bad;
         },
         py::arg("q"), py::arg("Q"), py::arg("d"), py::arg("x"), py::arg("dtype"), py::arg("N"), py::arg("xs"),
         py::arg("K"), py::arg("vals"), py::arg("ids"), py::arg("excl"), py::arg("m"), py::arg("bad"),
-        py::arg("max_bad"), py::arg("nthreads"), py::arg("q16") = 0,
+        py::arg("max_bad"), py::arg("nthreads"), py::arg("q16") = 0, py::arg("merge_k") = 0,
         py::call_guard<py::gil_scoped_release>(),
         "Approximate cosine top-K candidates per query (raw pointers, validated by the Python wrapper); "
-        "returns the number of rows with a non-finite norm.");
+        "returns the number of rows holding NaN/inf. merge_k: from this K on candidates are merged in "
+        "batches (<= 0: never).");
     m.def(
         "sim_rescore",
         [](uintptr_t q, int64_t Q, int64_t d, uintptr_t x, int dtype, int64_t xs, uintptr_t cand, int64_t C,

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace slf {
 
 struct SimArgs {
@@ -44,6 +46,16 @@ struct SimArgs {
     // query, the highest K-th score of any thread's list so far (or nullptr). No row
     // scoring below it can enter the merged top-K, so every thread may skip it.
     float* sthr = nullptr;
+    // large K (K >= merge_k, <= 0: never; filled by the kernel itself): per query up to
+    // pend_cap candidates wait in pend [Q, pend_cap] (counts pend_n [Q]) and are merged
+    // into the query's sorted list in one pass (common.h, merge_candidates) when the
+    // buffer is full and at the end of every scanned range; mtv/mti: K-entry scratch.
+    int64_t merge_k = 0;
+    Cand* pend = nullptr;
+    int32_t* pend_n = nullptr;
+    int64_t pend_cap = 0;
+    float* mtv = nullptr;
+    int64_t* mti = nullptr;
 };
 
 }  // namespace slf

@@ -431,6 +431,42 @@ static void note_bad(const SimArgs& a, int64_t id) {
     }
 }
 
+// ---- rows outside the float32-safe range ------------------------------------------
+// The float32 passes (fused, blocked, int16 quantisation) and their error bounds assume
+// that no square underflows or overflows: the bounds are relative to |x|, while an
+// underflowing product loses up to 2^-150 absolutely (a row of 1e-30s has squares below
+// the smallest denormal: its float32 norm is 0) and an overflowing square makes the norm
+// inf (values beyond ~1.8e19). A row whose float32 squared norm is not in
+// [SAFE_SQ_MIN, FLT_MAX] is therefore rescored from a copy scaled by a power of two (exact
+// for every component not far below the largest) so that its largest |x_i| lies in
+// [1, 2): its squared norm is then in [1, 4 d) and the usual bounds hold; cosines are
+// scale-invariant. At SAFE_SQ_MIN = 2^-96 (|x| >= 2^-48) the absolute underflow error of
+// the sums, at most 2 d 2^-150, is below d 2^-102 relative to |x|, far inside the bounds'
+// slack; and a finite float32 sum of squares had no overflowing partial sum. Costs one
+// compare per row; only such rows (and all-zero rows) take the scalar rescaling pass.
+constexpr float SAFE_SQ_MIN = 0x1p-96f;
+
+static inline bool unsafe_sq(float ss) { return !(ss >= SAFE_SQ_MIN && ss <= std::numeric_limits<float>::max()); }
+
+enum RowKind : int { ROW_SCALED = 0, ROW_ZERO = 1, ROW_NONFINITE = 2 };
+
+// dst[0..d) = src * 2^e (as float32) with the largest |dst_i| in [1, 2)
+template <int DT>
+static int rescale_row(const typename In<DT>::T* src, int64_t d, float* dst) {
+    float m = 0.0f;
+    bool finite = true;
+    for (int64_t i = 0; i < d; ++i) {
+        const float v = In<DT>::get(src + i);
+        finite &= std::isfinite(v);
+        m = std::max(m, std::fabs(v));
+    }
+    if (!finite) return ROW_NONFINITE;
+    if (m == 0.0f) return ROW_ZERO;
+    const double sc = std::ldexp(1.0, -std::ilogb(m));  // exact power of two, up to 2^149
+    for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(static_cast<double>(In<DT>::get(src + i)) * sc);
+    return ROW_SCALED;
+}
+
 // float32 squared norm of one row; four independent accumulators so the FMA latency
 // (4 cycles) does not bound the loop. Any summation order is covered by the error bound.
 template <int DT>
@@ -455,8 +491,22 @@ static inline float sqnorm(const typename In<DT>::T* src, int64_t d) {
 // one row at a time: its norm (the row comes from memory) and then its quantisation
 // (the row is still in L1). fac[r] = 2^-30, the scale of the int32 dot products, or
 // NaN for a row whose norm is not finite (its scores become NaN and are never kept).
+// one row scaled by sc and rounded to int16 (zero-padded to dp)
 template <int DT>
-static void quantise_rows(const SimArgs& a, int64_t r0, int64_t nr, int64_t dp, int16_t* qbuf, float* fac) {
+static inline void quant_row(const typename In<DT>::T* src, int64_t d, int64_t dp, float sc, int16_t* dst) {
+    int64_t i = 0;
+#if SLF_LEVEL > 0
+    const VF vs = vset1(sc);
+    for (; i + 2 * W <= d; i += 2 * W)
+        quant_store(dst + i, vmul(vload_dt<DT>(src + i), vs), vmul(vload_dt<DT>(src + i + W), vs));
+#endif
+    for (; i < d; ++i) dst[i] = quant1(In<DT>::get(src + i) * sc);
+    for (; i < dp; ++i) dst[i] = 0;
+}
+
+// rbuf: d floats of scratch for rows outside the safe range (see rescale_row)
+template <int DT>
+static void quantise_rows(const SimArgs& a, int64_t r0, int64_t nr, int64_t dp, int16_t* qbuf, float* fac, float* rbuf) {
     using T = typename In<DT>::T;
     const T* x = static_cast<const T*>(a.x);
     const int64_t d = a.d;
@@ -464,22 +514,21 @@ static void quantise_rows(const SimArgs& a, int64_t r0, int64_t nr, int64_t dp, 
         const T* src = x + (r0 + r) * a.xs;
         int16_t* dst = qbuf + r * dp;
         const float ss = sqnorm<DT>(src, d);
-        float sc = 0.0f;
-        if (!std::isfinite(ss)) {
+        fac[r] = 9.313225746154785e-10f;  // 2^-30
+        if (__builtin_expect(!unsafe_sq(ss), 1)) {
+            quant_row<DT>(src, d, dp, (1.0f / std::sqrt(ss)) * 32768.0f, dst);
+            continue;
+        }
+        const int kind = rescale_row<DT>(src, d, rbuf);
+        if (kind == ROW_SCALED) {
+            quant_row<F32>(rbuf, d, dp, (1.0f / std::sqrt(sqnorm<F32>(rbuf, d))) * 32768.0f, dst);
+            continue;
+        }
+        if (kind == ROW_NONFINITE) {
             note_bad(a, r0 + r);
             fac[r] = std::numeric_limits<float>::quiet_NaN();
-        } else {
-            sc = ss > 0.0f ? (1.0f / std::sqrt(ss)) * 32768.0f : 0.0f;
-            fac[r] = 9.313225746154785e-10f;  // 2^-30
         }
-        int64_t i = 0;
-#if SLF_LEVEL > 0
-        const VF vs = vset1(sc);
-        for (; i + 2 * W <= d; i += 2 * W)
-            quant_store(dst + i, vmul(vload_dt<DT>(src + i), vs), vmul(vload_dt<DT>(src + i + W), vs));
-#endif
-        for (; i < d; ++i) dst[i] = quant1(In<DT>::get(src + i) * sc);
-        for (; i < dp; ++i) dst[i] = 0;
+        std::memset(dst, 0, sizeof(int16_t) * static_cast<size_t>(dp));  // zero row: scores 0
     }
 }
 
@@ -589,6 +638,7 @@ static const float* prepare_block(const SimArgs& a, int64_t r0, int64_t nr, floa
     const int64_t d = a.d;
     const int64_t dv = d - d % W;
     const bool direct = DT == F32;
+    bool rescue = false;  // a row outside the safe range: the block goes through buf
     for (int64_t r = 0; r < nr; ++r) {
         const T* src = x + (r0 + r) * a.xs;
         float* dst = buf + r * d;
@@ -604,16 +654,35 @@ static const float* prepare_block(const SimArgs& a, int64_t r0, int64_t nr, floa
             if (!direct) dst[i] = v;
             ss += v * v;
         }
-        if (!std::isfinite(ss)) {
-            inv[r] = std::numeric_limits<float>::quiet_NaN();
-            note_bad(a, r0 + r);
+        if (__builtin_expect(unsafe_sq(ss), 0)) {
+            rescue = true;
+            inv[r] = -1.0f;  // marks the row for the pass below
         } else {
-            inv[r] = ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
+            inv[r] = 1.0f / std::sqrt(ss);
         }
     }
-    if (direct) {
+    if (direct && !rescue) {
         *stride = a.xs;
         return reinterpret_cast<const float*>(x) + r0 * a.xs;
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+        float* dst = buf + r * d;
+        const T* src = x + (r0 + r) * a.xs;
+        if (inv[r] >= 0.0f) {
+            if (direct) std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(d));
+            continue;
+        }
+        const int kind = rescale_row<DT>(src, d, dst);
+        if (kind == ROW_SCALED) {
+            inv[r] = 1.0f / std::sqrt(sqnorm<F32>(dst, d));
+        } else {
+            std::memset(dst, 0, sizeof(float) * static_cast<size_t>(d));
+            inv[r] = 0.0f;  // zero row
+            if (kind == ROW_NONFINITE) {
+                inv[r] = std::numeric_limits<float>::quiet_NaN();
+                note_bad(a, r0 + r);
+            }
+        }
     }
     *stride = d;
     return buf;
@@ -627,6 +696,21 @@ static inline void insert(float* v, int64_t* ids, int64_t K, float s, int64_t id
 
 // Offer the approximate score s of row id to query qi: one compare unless it beats the
 // query's current K-th score (thr[qi]); NaN (non-finite rows) never passes.
+// Large K (a.pend): candidates of a query wait in its pending buffer and are merged
+// into its list in one pass when the buffer is full (and at the end of every range).
+static void flush_query(const SimArgs& a, int64_t qi, float* tv, int64_t* ti, float* thr) {
+    const int64_t K = a.K;
+    merge_candidates(tv + qi * K, ti + qi * K, nullptr, K, a.pend + qi * a.pend_cap, a.pend_n[qi], a.mtv, a.mti, nullptr);
+    a.pend_n[qi] = 0;
+    thr[qi] = std::max(thr[qi], tv[qi * K + K - 1]);
+}
+
+static void flush_all(const SimArgs& a, float* tv, int64_t* ti, float* thr) {
+    if (a.pend == nullptr) return;
+    for (int64_t qi = 0; qi < a.Q; ++qi)
+        if (a.pend_n[qi] > 0) flush_query(a, qi, tv, ti, thr);
+}
+
 static inline void offer(const SimArgs& a, int64_t qi, int64_t id, float s, float* tv, int64_t* ti, float* thr) {
     if (!(s >= thr[qi])) return;
     if (a.excl != nullptr) {
@@ -635,6 +719,13 @@ static inline void offer(const SimArgs& a, int64_t qi, int64_t id, float s, floa
         if (skip) return;
     }
     const int64_t K = a.K;
+    if (a.pend != nullptr) {
+        const int64_t K1 = qi * K + K - 1;
+        if (!better(s, id, tv[K1], ti[K1])) return;
+        a.pend[qi * a.pend_cap + a.pend_n[qi]++] = Cand{s, 0, id};
+        if (a.pend_n[qi] == a.pend_cap) flush_query(a, qi, tv, ti, thr);
+        return;
+    }
     insert(tv + qi * K, ti + qi * K, K, s, id);
     // thr may already be above the own K-th score (taken from the shared thresholds)
     thr[qi] = std::max(thr[qi], tv[qi * K + K - 1]);
@@ -697,9 +788,9 @@ struct Buf8 {
 
 template <int DT>
 static void block16(const SimArgs& a, int64_t rb, int64_t nr, int16_t* qbuf, float* fac, float* tv, int64_t* ti,
-                    float* thr, const Buf8& b8) {
+                    float* thr, const Buf8& b8, float* rbuf) {
     const int64_t Q = a.Q, dp = pad16(a.d);
-    quantise_rows<DT>(a, rb, nr, dp, qbuf, fac);
+    quantise_rows<DT>(a, rb, nr, dp, qbuf, fac, rbuf);
     int64_t qg = 0;
 #if SLF_LEVEL == 1
     const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
@@ -806,7 +897,10 @@ static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int6
     int64_t RB = (rb_bytes / ((i16 ? 2 : 4) * (dp > 0 ? dp : 1))) / 6 * 6;
     if (RB < 6) RB = 6;
     if (RB > 1020) RB = 1020;
-    float* buf = (DT == F32 || i16 || fused) ? nullptr : static_cast<float*>(std::malloc(sizeof(float) * RB * d + 64));
+    // float32 block buffer (converted fp16/bf16 rows, or float32 rows of a block that
+    // holds a row outside the safe range); rbuf: one rescaled row (fused and int16 paths)
+    float* buf = (i16 || fused) ? nullptr : static_cast<float*>(std::malloc(sizeof(float) * RB * d + 64));
+    float* rbuf = (i16 || fused) ? static_cast<float*>(std::malloc(sizeof(float) * d + 64)) : nullptr;
     int16_t* qbuf = i16 ? static_cast<int16_t*>(std::malloc(sizeof(int16_t) * RB * dp + 64)) : nullptr;
     Buf8 b8;
     if (i16 && a.q8 != nullptr) {
@@ -827,7 +921,7 @@ static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int6
             for (int64_t qi = 0; qi < Q; ++qi) thr[qi] = std::max(thr[qi], shared_load(a.sthr + qi));
         }
         if (i16) {
-            block16<DT>(a, rb, nr, qbuf, inv, tv, ti, thr, b8);
+            block16<DT>(a, rb, nr, qbuf, inv, tv, ti, thr, b8, rbuf);
             continue;
         }
         if (fused) {
@@ -840,11 +934,20 @@ static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int6
                 const int64_t id = rb + r;
                 fn(a.q, d, x + id * a.xs, o, &ss);
                 float iv;
-                if (!std::isfinite(ss)) {
-                    iv = std::numeric_limits<float>::quiet_NaN();
-                    note_bad(a, id);
-                } else {
-                    iv = ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
+                if (__builtin_expect(!unsafe_sq(ss), 1)) {
+                    iv = 1.0f / std::sqrt(ss);
+                } else {  // zero, non-finite, or outside the safe range: rescaled copy
+                    const int kind = rescale_row<DT>(x + id * a.xs, d, rbuf);
+                    if (kind == ROW_SCALED) {
+                        fused_table<F32>(mq)(a.q, d, rbuf, o, &ss);
+                        iv = 1.0f / std::sqrt(ss);
+                    } else if (kind == ROW_ZERO) {
+                        iv = 0.0f;
+                        for (int qq = 0; qq < mq; ++qq) o[qq] = 0.0f;
+                    } else {
+                        iv = std::numeric_limits<float>::quiet_NaN();
+                        note_bad(a, id);
+                    }
                 }
                 for (int qq = 0; qq < mq; ++qq) offer(a, qq, id, o[qq] * iv, tv, ti, thr);
             }
@@ -869,7 +972,9 @@ static void scan_range(const SimArgs& a, int64_t r0, int64_t r1, float* tv, int6
             }
         }
     }
+    flush_all(a, tv, ti, thr);
     if (a.sthr != nullptr) publish_thresholds(a, tv);
+    std::free(rbuf);
     std::free(thr);
     std::free(inv);
     std::free(qbuf);
@@ -901,8 +1006,29 @@ static void run_impl(const SimArgs& a) {
     const double work = static_cast<double>(Q + 1) * static_cast<double>(N) * static_cast<double>(a.d);
     if (work < 4.0e6) nt = 1;
     if (N < 3 * nt) nt = 1;
+    // large K: pending buffers of pend_cap candidates per query and thread
+    const bool batched = a.merge_k > 0 && K >= a.merge_k;
+    const int64_t cap = std::min<int64_t>(1024, std::max<int64_t>(64, K / 8));
+    auto with_pending = [&](SimArgs& at, void** mem) {
+        *mem = nullptr;
+        if (!batched) return;
+        const size_t bytes = sizeof(Cand) * static_cast<size_t>(Q * cap) + sizeof(int32_t) * static_cast<size_t>(Q) +
+                             (sizeof(float) + sizeof(int64_t)) * static_cast<size_t>(K) + 64;
+        char* p = static_cast<char*>(std::malloc(bytes));
+        *mem = p;
+        at.pend = reinterpret_cast<Cand*>(p); p += sizeof(Cand) * static_cast<size_t>(Q * cap);
+        at.mti = reinterpret_cast<int64_t*>(p); p += sizeof(int64_t) * static_cast<size_t>(K);
+        at.mtv = reinterpret_cast<float*>(p); p += sizeof(float) * static_cast<size_t>(K);
+        at.pend_n = reinterpret_cast<int32_t*>(p);
+        std::memset(at.pend_n, 0, sizeof(int32_t) * static_cast<size_t>(Q));
+        at.pend_cap = cap;
+    };
     if (nt == 1) {
-        scan_range<DT>(a, 0, N, a.vals, a.ids);
+        SimArgs at = a;
+        void* mem;
+        with_pending(at, &mem);
+        scan_range<DT>(at, 0, N, a.vals, a.ids);
+        std::free(mem);
         return;
     }
     // per-thread lists; thread 0 writes straight into the output
@@ -922,11 +1048,15 @@ static void run_impl(const SimArgs& a) {
         const int t = omp_get_thread_num();
         float* tv = t == 0 ? a.vals : sv + (t - 1) * Q * K;
         int64_t* ti = t == 0 ? a.ids : si + (t - 1) * Q * K;
+        SimArgs at = as;
+        void* mem;
+        with_pending(at, &mem);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; ++c) {
             const int64_t r0 = c * chunk, r1 = (r0 + chunk) < N ? (r0 + chunk) : N;
-            scan_range<DT>(as, r0, r1, tv, ti);
+            scan_range<DT>(at, r0, r1, tv, ti);
         }
+        std::free(mem);
 #pragma omp barrier
         float* mv = static_cast<float*>(std::malloc(sizeof(float) * K));
         int64_t* mi = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * K));

@@ -6,6 +6,12 @@
 // top-k lists are written by one thread only (no locks). The common case, a pooled
 // value below the channel's current k-th value, costs one SIMD compare; only
 // candidates go to the scalar insertion (binary search + memmove).
+//
+// Large k (k >= a.merge_k): one insertion moves up to k entries, so while a list fills
+// (every sample is a candidate) a batch would cost B * k moves per channel. Candidates
+// are then collected per channel over runs of P samples, against the k-th value at the
+// start of the run, and merged into the list in one pass (common.h, merge_candidates):
+// O(k + m log m) per channel and run instead of O(m k).
 
 namespace SLF_NS {
 using namespace slf;
@@ -111,6 +117,13 @@ struct Kernel {
     float* facc;    // [c1-c0] pooled values of one sample (channel-minor, S > 1)
     const float* pooled;  // [B, C] pooled by pool_rows (channel-minor, unless plain top-k), else nullptr
     const int32_t* ppos;  // [B, C] first position of each max (max/absmax with pooled), else nullptr
+    // batched mode (large k), else nullptr: per owned channel up to P pending candidates
+    Cand* cb = nullptr;   // [c1-c0, P]
+    int32_t* cn = nullptr;  // [c1-c0] pending count
+    int64_t P = 0;
+    float* tv = nullptr;  // [k] merge scratch
+    int64_t* ti = nullptr;
+    int32_t* tp = nullptr;
 
     inline float elem(int64_t b, int64_t c, int64_t s) const {
         float v = In<DT>::get(x + b * a.sb + c * a.sc + s * a.ss);
@@ -134,8 +147,29 @@ struct Kernel {
             v = elem(b, c, s);
             if (a.track_pos) p = static_cast<int32_t>(s);
         }
+        if (cb != nullptr) {  // batched: merged at the end of the run (flush)
+            const int64_t j = c - c0;
+            cb[j * P + cn[j]++] = Cand{v, p, sid};
+            return;
+        }
         insert_entry(vals, ids, a.pos + c * a.k, a.k, v, sid, p);
         thr[c - c0] = vals[a.k - 1];
+    }
+
+    // batched mode: merge every channel's pending candidates into its list
+    void flush() {
+        for (int64_t j = 0; j < c1 - c0; ++j) {
+            if (cn[j] == 0) continue;
+            const int64_t c = c0 + j;
+            merge_candidates(a.vals + c * a.k, a.ids + c * a.k, a.pos + c * a.k, a.k, cb + j * P, cn[j], tv, ti, tp);
+            cn[j] = 0;
+            thr[j] = a.vals[c * a.k + a.k - 1];
+        }
+    }
+
+    // after sample b: in batched mode, merge at the end of every run of P samples
+    inline void after_sample(int64_t b) {
+        if (cb != nullptr && ((b + 1) % P == 0 || b + 1 == a.B)) flush();
     }
 
     static inline float finish_sum(double s, int64_t S) {
@@ -177,6 +211,7 @@ struct Kernel {
                     float v = In<DT>::get(xb + i);
                     if (v >= thr[i] || v != v) handle(b, c0 + i, v);
                 }
+                after_sample(b);
                 continue;
             }
             const float* prow = pooled + b * a.C + c0;
@@ -193,6 +228,7 @@ struct Kernel {
                 float v = facc[i];
                 if (v >= thr[i] || v != v) handle(b, c0 + i, v);
             }
+            after_sample(b);
         }
     }
 
@@ -252,6 +288,7 @@ struct Kernel {
                 float v = reduce_contig(x + b * a.sb + c * a.sc);
                 if (v >= thr[c - c0] || v != v) handle(b, c, v);
             }
+            after_sample(b);
         }
     }
 };
@@ -330,7 +367,27 @@ static void run_range(const PoolArgs& a, int64_t c0, int64_t c1, bool minor, con
     float* facc = thr + nc;
     for (int64_t c = c0; c < c1; ++c) thr[c - c0] = a.vals[c * a.k + a.k - 1];
     Kernel<DT, POOL> kern{a, static_cast<const typename In<DT>::T*>(a.x), c0, c1, thr, facc, pooled, ppos};
+    void* scratch = nullptr;
+    if (a.merge_k > 0 && a.k >= a.merge_k && a.B > 1) {
+        // runs of P samples: at most P candidates per channel; the pending buffers take
+        // about 8 MiB per thread at most (P >= 16), the merge scratch one list
+        int64_t P = (int64_t{1} << 19) / nc;
+        P = P < 16 ? 16 : (P > 1024 ? 1024 : P);
+        if (P > a.B) P = a.B;
+        const size_t cb_bytes = sizeof(Cand) * static_cast<size_t>(nc * P);
+        const size_t k = static_cast<size_t>(a.k);
+        scratch = std::malloc(cb_bytes + sizeof(int32_t) * static_cast<size_t>(nc) + k * (sizeof(float) + sizeof(int64_t) + sizeof(int32_t)) + 64);
+        char* q = static_cast<char*>(scratch);
+        kern.cb = reinterpret_cast<Cand*>(q); q += cb_bytes;
+        kern.ti = reinterpret_cast<int64_t*>(q); q += k * sizeof(int64_t);
+        kern.tv = reinterpret_cast<float*>(q); q += k * sizeof(float);
+        kern.tp = reinterpret_cast<int32_t*>(q); q += k * sizeof(int32_t);
+        kern.cn = reinterpret_cast<int32_t*>(q);
+        std::memset(kern.cn, 0, sizeof(int32_t) * static_cast<size_t>(nc));
+        kern.P = P;
+    }
     if (minor) kern.run_minor(); else kern.run_major();
+    std::free(scratch);
     std::free(thr);
 }
 

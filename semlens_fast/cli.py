@@ -452,10 +452,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.case_study:
+        return _validate_case_study(args)
     import torch
 
     from .validate import validate_concepts
 
+    if not args.layer:
+        raise CommandError("validate: give --layer LAYER --keep LABEL[,LABEL] (or --case-study modular-addition|2sat)")
     run = _open(args)
     stored = _labels(run)
     keep = _list(args.keep)
@@ -464,7 +468,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if stored is None:
         raise CommandError(f"validate needs labels; run `semlens label --run {run.path} --vocab ...` first", EXIT_MISSING)
     ds = run.data()
-    n = min(len(ds), args.samples)
+    n = min(len(ds), 2000 if args.samples is None else args.samples)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(ds), generator=g)[:n].sort().values.tolist()
     sub = torch.utils.data.Subset(ds, idx)
@@ -477,6 +481,44 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _validate_case_study(args: argparse.Namespace) -> int:
+    """The axiomatic-validation paper's own case studies, our table beside the paper's."""
+    import torch
+
+    from .validate.paper import modular_addition, two_sat
+
+    if args.layer or args.keep:
+        raise CommandError("validate: --case-study runs a packaged model; it takes no --layer/--keep")
+    if args.samples is not None and args.samples < 1:
+        raise CommandError(f"validate: --samples must be >= 1, got {args.samples}")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise CommandError(f"validate: --device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CommandError(f"validate: --device {args.device!r}: no CUDA device is available here; use cpu")
+    mod = modular_addition if args.case_study == "modular-addition" else two_sat
+    if not mod.WEIGHTS.exists():
+        raise CommandError(f"validate: the {args.case_study} weights are missing ({mod.WEIGHTS}); make them with "
+                           f"`python scripts/train_paper_case_studies.py {args.case_study}` from a source checkout",
+                           EXIT_MISSING)
+    kw = dict(confidence=args.confidence, progress=not args.no_progress, device=args.device)
+    if args.case_study == "modular-addition":
+        model, info = modular_addition.load_model()
+        data = modular_addition.dataset(model.config["d_vocab"] - 1, info.get("frac_train", modular_addition.FRAC_TRAIN),
+                                        info.get("seed", 0))
+        if args.samples is not None and args.samples < len(data.test):  # a random subset of the test pairs
+            pick = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))[: args.samples]
+            data.test = data.test[pick].sort().values
+        report = modular_addition.run_modular_addition(model, data=data, info=info, **kw)
+    else:
+        model, info = two_sat.load_model()
+        report = two_sat.run_two_sat(model, n_test=args.samples or two_sat.PAPER_N, info=info, **kw)
+    _emit(args, report.to_records(), lambda: str(report))
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report.from_run import build_report
 
@@ -484,6 +526,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = build_report(run, args.out, progress=not args.no_progress)
     _emit(args, {"report": str(path)}, f"report: {path}")
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.explorer import Limits
+    from .serve.server import serve
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_upload_pixels=int(args.max_upload_mpx * 1e6))
+    if limits.max_upload_bytes < 1 or limits.max_upload_pixels < 1:
+        raise CommandError("--max-upload-mb and --max-upload-mpx must be positive")
+    ready = (lambda url: print(json.dumps({"url": url, "run": str(args.run), "writable": args.writable}))) if args.json else None
+    return serve(args.run, host=args.host, port=args.port, writable=args.writable, compare_with=args.compare_with or [],
+                 limits=limits, access_log=args.access_log, say=(lambda s: None) if args.json else print, on_ready=ready)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -631,19 +685,38 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--no-causal", action="store_true", help="skip the foundation-model-free causal check")
     au.add_argument("--fail-on-flagged", action="store_true", help="exit 5 when components are flagged")
 
-    v = add("validate", "test 'the decision at LAYER relies only on components labelled KEEP' (axiom A3 bound)",
+    v = add("validate", "test 'the decision at LAYER relies only on components labelled KEEP' (axiom A3 bound), "
+                        "or run the axiomatic-validation paper's case studies beside its table (--case-study)",
             cmd_validate)
-    v.add_argument("--layer", required=True)
+    v.add_argument("--layer", help="layer whose components are kept or mean-ablated")
     v.add_argument("--keep", action="append", help="labels to keep (the rest is mean-ablated)")
-    v.add_argument("--samples", type=_positive_int, default=2000, help="samples tested (default 2000)")
+    v.add_argument("--case-study", choices=["modular-addition", "2sat"],
+                   help="the paper's case study on the packaged model: every axiom at every component, our epsilon "
+                        "beside the paper's (no run folder needed)")
+    v.add_argument("--samples", type=_positive_int, default=None,
+                   help="samples tested (default 2000; case studies: the paper's test set size, 8,939 pairs / "
+                        "80,001 formulas)")
+    v.add_argument("--device", default=None, help="case studies: torch device (default: cpu)")
     v.add_argument("--confidence", type=float, default=0.95)
 
     r = add("report", "write the HTML report of a run (grids, labels, audit, search results, concept map)", cmd_report)
     r.add_argument("--out", help="output folder (default RUN/report)")
 
+    sv = add("serve", "an interactive explorer of the run in the browser (search, neurons, describe, compare, audit, "
+                      "concept map) with a JSON API; read-only unless --writable", cmd_serve)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    sv.add_argument("--writable", action="store_true", help="allow writes to the run folder: relevance for new "
+                                                            "classes (cached in RUN/relevance/), saving audits")
+    sv.add_argument("--compare-with", action="append", help="another run folder the Compare page may use (repeatable)")
+    sv.add_argument("--max-upload-mb", type=float, default=8.0, help="largest uploaded image file (default 8 MiB)")
+    sv.add_argument("--max-upload-mpx", type=float, default=16.0, help="largest uploaded image in megapixels (default 16)")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+
     b = add("bench", "run the benchmark suites side by side with the peers and rewrite BENCHMARKS.md", cmd_bench,
             run=False)
-    b.add_argument("suites", nargs="*", help="suite files, e.g. bench_topk.py (default all)")
+    b.add_argument("suites", nargs="*", help="suite files, e.g. bench_topk.py, or short names: `relevance` runs "
+                                             "every bench_relevance*.py (speed and the evaluation table) (default all)")
     b.add_argument("--scale", type=float, help="SEMLENS_BENCH_SCALE: shrink the problem sizes (e.g. 0.1)")
     return p
 

@@ -450,6 +450,13 @@ def concept_examples(
         return ConceptExamples(mode, out, params)
     if mode == "text":
         raise ArgumentError("mode='text' examples are built with token_windows(store, layer, input_ids, ...)")
+    sae_layers = sorted(set(layers) & set((getattr(store, "fingerprints", None) or {}).get("sae", {}) or {}))
+    if sae_layers:
+        # a hook on these layers would see the module's d-wide output, not the SAE's latents
+        raise ArgumentError(
+            f"mode={mode!r} is not available for SAE-latent layers {sae_layers}: their components are latents of "
+            "an SAE, not outputs of the module; use mode='full' or token_windows(...) (mode 'text') for them"
+        )
     if model is None or data is None:
         raise ArgumentError(f"mode={mode!r} needs model= and data= (the model and dataset the store was collected on)")
     if mode == "relevance" and relevance is None:

@@ -4,10 +4,13 @@ Rows are stored unit-normalised (float64 normalisation, then one rounding to the
 storage dtype: float32, float16 or bfloat16); zero vectors are kept as zeros
 (similarity 0 with everything). Each row maps back to ``(layer, neuron)``.
 
-Search is :func:`semlens_fast.ops.cosine_topk` over the storage, chunk by chunk
-(``chunk_rows`` rows at a time), merging the chunks' exact top-k lists; so an index
-memory-mapped from disk can be larger than RAM: only the chunk being scanned has to
-be resident, and its pages are clean and can be dropped by the OS afterwards.
+Search is :func:`semlens_fast.ops.cosine_topk` over the storage, chunk by chunk,
+merging the chunks' exact top-k lists; so an index memory-mapped from disk can be
+larger than RAM: only the chunk being scanned (and rescored) has to be resident, and
+its pages are clean and can be dropped by the OS afterwards. By default a chunk holds
+a quarter of the memory available when the search starts (``MemAvailable``, and the
+cgroup memory limit when there is one), between 64 MiB and 4 GiB; ``chunk_rows`` fixes
+the number of rows instead.
 Scores are the exact cosines of the *stored* vectors (see
 :mod:`semlens_fast.ops.similarity`); with float16/bfloat16 storage, the recall@k of
 the stored index against float32 exact search is >= 0.99 on random unit vectors and
@@ -54,6 +57,7 @@ from ._io import (
 from ._version import __version__
 from .errors import ArgumentError, DTypeError, ShapeError, StoreError
 from .ops.reference.similarity import select
+from .ops._validate import available_memory, check_result_size, check_tensor_device
 from .ops.similarity import _check_exclude, cosine_topk, raise_nonfinite
 
 FORMAT = "semlens_fast.EmbeddingIndex"
@@ -81,16 +85,17 @@ class EmbeddingIndex:
     Args:
         dim: vector dimension.
         dtype: storage dtype (``torch.float32`` default, ``torch.float16``, ``torch.bfloat16``).
-        chunk_rows: rows scanned per search step (bounds resident memory of mapped indexes).
+        chunk_rows: rows scanned per search step (bounds resident memory of mapped indexes);
+            ``None`` (default): sized from the available memory (see the module docstring).
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, *, chunk_rows: int = 1 << 20):
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, *, chunk_rows: int | None = None):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ArgumentError(f"dim must be an int >= 1, got {dim!r}")
         if dtype not in STORAGE_DTYPES:
             raise DTypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ArgumentError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise ArgumentError(f"chunk_rows must be an int >= 1 or None (sized from the available memory), got {chunk_rows!r}")
         self.dim = dim
         self.dtype = dtype
         self.chunk_rows = chunk_rows
@@ -104,7 +109,7 @@ class EmbeddingIndex:
     @classmethod
     def from_tensors(
         cls, vectors: torch.Tensor, dtype: torch.dtype = torch.float32, *, layer: str | None = None,
-        neurons: torch.Tensor | Sequence[int] | None = None, chunk_rows: int = 1 << 20,
+        neurons: torch.Tensor | Sequence[int] | None = None, chunk_rows: int | None = None,
     ) -> "EmbeddingIndex":
         """An index over the rows of ``vectors [N, d]`` (copied, normalised)."""
         vectors = _as_matrix(vectors, "vectors")
@@ -176,11 +181,20 @@ class EmbeddingIndex:
             return torch.empty((0, self.dim), dtype=self.dtype)
         return self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
 
-    def _chunks(self) -> Iterable[tuple[int, torch.Tensor]]:
+    def search_chunk_rows(self) -> int:
+        """Rows per search step: ``chunk_rows``, or (None) a quarter of the memory available
+        now (:func:`available_memory`), between ``CHUNK_MIN_BYTES`` and ``CHUNK_MAX_BYTES``."""
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        budget = min(CHUNK_MAX_BYTES, max(CHUNK_MIN_BYTES, available_memory() // 4))
+        return max(1, budget // (self.dim * _itemsize(self.dtype)))
+
+    def _chunks(self, rows: int | None = None) -> Iterable[tuple[int, torch.Tensor]]:
+        rows = rows if rows is not None else (self.chunk_rows or 1 << 20)
         offset = 0
         for part in self._parts:
-            for r0 in range(0, part.shape[0], self.chunk_rows):
-                yield offset + r0, part[r0 : r0 + self.chunk_rows]
+            for r0 in range(0, part.shape[0], rows):
+                yield offset + r0, part[r0 : r0 + rows]
             offset += part.shape[0]
 
     def search(self, queries: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None):
@@ -188,17 +202,26 @@ class EmbeddingIndex:
 
         Same semantics as :func:`semlens_fast.ops.cosine_topk` on the stored vectors
         (ties: lower row id; ``-1``/``-inf`` padding; ``exclude`` row ids per query).
+        float64 queries are rounded to float32 first (the scores are defined on float32
+        values).
         """
         queries = _as_matrix(queries, "queries")
+        check_tensor_device(queries, "queries", meta=False)  # results come from stored data
+        if queries.dtype == torch.float64:
+            queries = queries.float()
         if queries.shape[1] != self.dim:
             raise ShapeError(f"queries have dimension {queries.shape[1]} (shape {tuple(queries.shape)}), the index has {self.dim}")
         Q = queries.shape[0]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ArgumentError(f"k must be an int >= 1, got {k!r}")
         exclude = _check_exclude(exclude, Q, len(self), queries.device)
+        check_result_size(Q, k, 24, "a search result")  # k far beyond the rows: an error, not an allocator failure
         best_s = torch.full((Q, k), float("-inf"))
         best_i = torch.full((Q, k), -1, dtype=torch.int64)
-        for offset, chunk in self._chunks():
+        if Q == 0:
+            cosine_topk(queries, torch.empty((0, self.dim)), k, exclude=exclude)  # validates the arguments
+            return best_s, best_i
+        for offset, chunk in self._chunks(self.search_chunk_rows()):
             ex = None
             if exclude is not None:
                 local = exclude - offset
@@ -308,7 +331,7 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
-             chunk_rows: int = 1 << 20) -> "EmbeddingIndex":
+             chunk_rows: int | None = None) -> "EmbeddingIndex":
         """Open an index saved by :meth:`save`.
 
         ``mmap=True`` maps the vectors (pages are read when searched; indexes larger than
@@ -321,7 +344,7 @@ class EmbeddingIndex:
                                lambda man: cls._load(path, man, mmap, verify, chunk_rows))
 
     @classmethod
-    def _load(cls, path: Path, man: object, mmap: bool, verify: bool, chunk_rows: int) -> "EmbeddingIndex":
+    def _load(cls, path: Path, man: object, mmap: bool, verify: bool, chunk_rows: int | None) -> "EmbeddingIndex":
         if not isinstance(man, dict) or man.get("format") != FORMAT:
             raise StoreError(f"{path} is not an EmbeddingIndex (manifest format {man.get('format') if isinstance(man, dict) else None!r})")
         if man.get("version") != VERSION:
@@ -395,6 +418,10 @@ class EmbeddingIndex:
 
     def __repr__(self) -> str:
         return f"EmbeddingIndex(rows={len(self)}, dim={self.dim}, dtype={_dtype_name(self.dtype)}, layers={len(self.layers)})"
+
+
+CHUNK_MIN_BYTES = 64 << 20
+CHUNK_MAX_BYTES = 4 << 30
 
 
 def _plain(name: object) -> str:

@@ -251,11 +251,16 @@ def test_missing_and_mismatched_artifacts(demo, capsys, tmp_path):
     code, _, err = run_cli(capsys, "search", "--run", other, "x")
     assert code == cli.EXIT_MISMATCH and "semlens collect" in err
 
-    # a stage that never ran
+    # the manifest has no record of a stage whose output is there: replaced, refused as a mismatch
     man["stages"].pop("embed")
     write_json(other / "run.json", man)
     code, _, err = run_cli(capsys, "label", "--run", other, "--vocab", "a,b")
-    assert code == cli.EXIT_MISMATCH and "semlens embed" in err  # concepts/ exists without its record (harden-b)
+    assert code == cli.EXIT_MISMATCH and "semlens embed" in err and "no record of `embed`" in err, err
+
+    # a stage that never ran (no record, no output)
+    shutil.rmtree(other / "concepts")
+    code, _, err = run_cli(capsys, "label", "--run", other, "--vocab", "a,b")
+    assert code == cli.EXIT_MISSING and "semlens embed" in err, err
 
 
 def test_bad_input(capsys, tmp_path, monkeypatch):

@@ -154,6 +154,25 @@ def test_sigkill_during_report_writes_keeps_a_complete_report(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".report")) == []
 
 
+def test_the_next_report_write_removes_what_killed_writes_left_and_nothing_else(tmp_path):
+    """A kill while the previous report is being removed leaves a part of it (e.g. only
+    index.html: rmtree took the marker and img/ first); such a folder goes, a foreign one stays."""
+    from tests.test_report import make_data
+
+    out = tmp_path / "report"
+    half = tmp_path / ".report.abc123.tmp"
+    half.mkdir()
+    (half / "index.html").write_text("<html>")
+    partial = tmp_path / ".report.def456.tmp"
+    (partial / "img").mkdir(parents=True)
+    foreign = tmp_path / ".report.keep.tmp"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    write_report(out, make_data())
+    assert not half.exists() and not partial.exists()
+    assert (foreign / "thesis.tex").read_text() == "mine"
+
+
 def test_a_complete_report_exists_at_every_step_of_the_swap(tmp_path, monkeypatch):
     """Before: the old report was renamed away, then the new one renamed in: a kill between the
     two left no report at all. Every rename/exchange call is checked here."""

@@ -96,6 +96,13 @@ def test_collect_with_sae_equals_the_fused_op_on_the_layer(pool):
         lengths = torch.tensor([len(s) for s in ds.seqs])
         ok = st[layer].ids >= 0
         assert bool((st[layer].positions[ok].long() < lengths[st[layer].ids[ok]]).all())
+    if pool == "max":
+        # activation/relevance examples would hook the module's d-wide output, not the latents: refused
+        from semlens_fast.examples import concept_examples
+
+        with pytest.raises(ArgumentError, match=r"not available for SAE-latent layers \['encoder\.layer\.1'\]"):
+            concept_examples(st, mode="activation", model=model, data=ds)
+        assert concept_examples(st, layers=layer, mode="full").layers[layer].ids.shape == (70, 5)
 
 
 def test_collect_refuses_an_sae_of_the_wrong_width():

@@ -451,3 +451,85 @@ def test_cuda_matches_cpu():
     cpu = validate(Toy(), toy_stages(wrong_h1), X, progress=False)
     gpu = validate(Toy().cuda(), toy_stages(wrong_h1), X, device="cuda", progress=False)
     assert [r.successes for r in cpu.results] == [r.successes for r in gpu.results]
+
+
+# ---------------------------------------------------------------------- empty data, NaN, rest=, validate_many
+
+
+@pytest.mark.parametrize("data", [X[:0], TensorDataset(X[:0]), [], DataLoader(TensorDataset(X[:0]), batch_size=4)])
+def test_empty_data_is_an_error_not_epsilon_one(data):
+    with pytest.raises(ArgumentError, match=r"data is empty.*nothing to validate"):
+        validate(Toy(), toy_stages(), data, progress=False)
+
+
+def test_nan_inputs_and_outputs_are_failures_not_successes():
+    x = X.clone()
+    x[[3, 50, 77], 1] = float("nan")  # NaN inputs: the toy model's output is NaN there too
+    with pytest.warns(UserWarning, match=r"3 of 125 samples have NaN"):
+        res = validate(Toy(), toy_stages(), x, batch_size=32, progress=False)
+    for r in res.results:
+        assert r.failures == 3 and r.counterexamples == [3, 50, 77], (r.stage, r.axiom)
+        assert r.histogram == {-1: 3, 0: 122}
+    # NaN in an abstract state only (h claims NaN on some samples): those fail A1/A2, nothing else
+    def h_nan(a):
+        out = a * 2
+        out[a[:, 0] == 4, 0] = float("nan")
+        return out
+
+    res = validate(Toy(), toy_stages(h_nan, equiv=allclose()), X, axioms=("A1", "A2"), progress=False,
+                   max_counterexamples=1000)
+    bad = torch.nonzero(X[:, 0] == 4).flatten().tolist()
+    assert res["double", "A1"].counterexamples == bad and res["double", "A1"].histogram == {-1: 25, 0: 100}
+    # a model that maps a NaN input to a finite decision still fails (the input is NaN)
+    class Clean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1 = nn.Identity()
+
+        def forward(self, x):
+            return torch.nan_to_num(self.f1(x)) @ torch.eye(3)
+
+    ident = lambda s: s  # noqa: E731
+    with pytest.warns(UserWarning, match="1 of 125"):
+        res = validate(Clean(), [Stage("id", None, "f1", ident, ident, ident)], x[:125].clone().index_fill_(0, torch.tensor([50, 77]), 0.0),
+                       progress=False)
+    assert all(r.counterexamples == [3] for r in res.results)
+
+
+def test_rest_shortcut_matches_patched_run_and_skips_it():
+    model = Toy()
+    ref = validate(model, toy_stages(wrong_h1), X, batch_size=125, progress=False, max_counterexamples=1000)
+    st = toy_stages(wrong_h1)
+    st[0].rest = lambda s: model.head(model.f2(s))
+    st[1].rest = lambda s: model.head(s)
+    model.calls = 0
+    res = validate(model, st, X, batch_size=125, progress=False, max_counterexamples=1000)
+    assert model.calls == 1  # only the cached pass; both patched runs replaced by rest
+    assert [(r.axiom, r.successes, r.counterexamples, r.histogram) for r in res.results] == \
+        [(r.axiom, r.successes, r.counterexamples, r.histogram) for r in ref.results]
+    st[1].rest = lambda s: model.head(s + 100.0)  # not the rest of the model
+    with pytest.raises(ArgumentError, match=r"stage 1 'plus one': rest\(state at 'f2'\) does not reproduce the model"):
+        validate(model, st, X, progress=False)
+    st[1].rest = lambda s: model.head(s)[:, :1]
+    with pytest.raises(ShapeError, match=r"stage 1 'plus one': rest returned shape \(64, 1\)"):
+        validate(model, st, X, progress=False)
+
+
+def test_validate_many_shares_the_cached_pass():
+    from semlens_fast.validate import Interpretation, validate_many
+
+    model = Toy()
+    a = validate(model, toy_stages(), X, progress=False)
+    b = validate(model, toy_stages(wrong_h1), X, axioms=("A1", "A2"), progress=False)
+    model.calls = 0
+    res = validate_many(model, {"right": toy_stages(), "wrong": Interpretation(toy_stages(wrong_h1), axioms=("A1", "A2"))},
+                        X, batch_size=125, progress=False)
+    assert model.calls == 1 + 3  # one shared pass + the right interpretation's patched runs
+    key = lambda r: [(x.stage, x.axiom, x.successes, x.counterexamples, x.histogram) for x in r.results]  # noqa: E731
+    assert key(res["right"]) == key(a) and key(res["wrong"]) == key(b)
+    st = toy_stages()
+    st[1].start, st[1].end = "f2", "head"
+    with pytest.raises(ArgumentError, match=r"do not chain: interpretation 'bad', stage 1 'plus one' starts at 'f2'"):
+        validate_many(model, {"ok": toy_stages(), "bad": st}, X, progress=False)
+    with pytest.raises(ArgumentError, match="non-empty mapping"):
+        validate_many(model, {}, X)

@@ -186,3 +186,29 @@ def test_concept_stage_is_a_plain_stage(mlp):
     assert res.results[0].failures > 0  # logits change whenever an ablated unit was not at its mean
     res = validate(model, [st], x, axioms=("A3",), progress=False, max_counterexamples=1000)
     assert res.results[0].counterexamples == reference_flips(model, x, [0, 1, 2], fill)
+
+
+def test_empty_data_is_an_error(mlp):
+    model, x = mlp
+    for ablation in ("mean", "zero"):
+        with pytest.raises(ArgumentError, match="data is empty"):
+            validate_concepts(model, "1", x[:0], components=[0], ablation=ablation, progress=False)
+
+
+def test_nan_samples_are_failures_and_stay_out_of_the_mean(mlp):
+    model, x = mlp
+    bad = x.clone()
+    bad[[5, 17, 200], 2] = float("nan")
+    with pytest.warns(UserWarning, match=r"3 of 300 samples have a NaN or infinite state at layer '1'"):
+        fill = layer_means(model, "1", bad, progress=False)
+    clean = torch.ones(300, dtype=torch.bool)
+    clean[[5, 17, 200]] = False
+    assert torch.allclose(fill, layer_means(model, "1", x[clean], progress=False), atol=1e-6)
+    with pytest.warns(UserWarning):
+        res = validate_concepts(model, "1", bad, components=[0, 1, 2], progress=False, max_counterexamples=1000)
+    r = res.replaceability
+    assert r.n == 300 and {5, 17, 200} <= set(r.counterexamples)  # NaN samples never count as successes
+    want = sorted(set(reference_flips(model, x, [0, 1, 2], fill)) | {5, 17, 200})
+    assert r.counterexamples == want  # the other samples: as with the clean mean
+    with pytest.raises(ArgumentError, match="every one of the 4 samples"):
+        layer_means(model, "1", torch.full((4, 4), float("nan")), progress=False)

@@ -43,7 +43,7 @@ import torch
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from . import _backend
-from .topk import ACT_DTYPES, TopKState, _check_ids, check_state, negative_ids_error
+from .topk import ACT_DTYPES, TopKState, _check_ids, check_batch_ids, check_state
 
 SAE_POOLS = ("max", "mean", "sum")
 ACTIVATIONS = ("relu", "jumprelu")
@@ -106,7 +106,8 @@ def sae_topk_update(
         x: ``[B, T, d]`` token activations or ``[B, d]`` (float32/float16/bfloat16).
         W_enc: ``[d, L]``; b_enc: ``[L]``; threshold: ``[L]`` (JumpReLU only); b_dec: ``[d]``
             subtracted from ``x`` first (SAELens ``apply_b_dec_to_input``).
-        sample_ids: ``[B]`` ids (>= 0, unique over the stream).
+        sample_ids: ``[B]`` ids (>= 0, unique over the stream; negative or repeated ids
+            within the batch raise ArgumentError, the state untouched).
         pool: ``"max"`` (keeps the token position), ``"mean"`` or ``"sum"`` over valid tokens.
         mask: ``[B, T]`` bool (True = real token), for 3-D ``x`` only.
 
@@ -163,7 +164,7 @@ def sae_topk_update(
 
 # The registered op (the pattern of :mod:`semlens_fast.ops.topk`, "registered torch ops"): the
 # public function above checks metadata only, so it traces; the checks that read the data
-# (finite weights, non-negative ids) run here, before any backend.
+# (finite weights, non-negative and distinct ids) run here, before any backend.
 
 @torch.library.custom_op("semlens::sae_topk_update_", mutates_args=("values", "ids", "positions", "nan_counts"))
 def _sae_topk_update_op(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, nan_counts: torch.Tensor,
@@ -174,8 +175,7 @@ def _sae_topk_update_op(values: torch.Tensor, ids: torch.Tensor, positions: torc
     for t, name in ((W_enc, "W_enc"), (b_enc, "b_enc"), (b_dec, "b_dec"), (threshold, "threshold")):
         if t is not None:
             _check_finite(t, name)
-    if bool((sample_ids < 0).any()):
-        raise negative_ids_error(sample_ids)
+    check_batch_ids(sample_ids)  # >= 0 and distinct within the batch
     state = TopKState(values, ids, positions, nan_counts)
     name = _backend.choose(state.device)
     _backend.module(name).sae.sae_topk_update(state, x, W_enc, b_enc, sample_ids, pool, activation, threshold, b_dec, mask)

@@ -3,7 +3,13 @@
 :func:`cosine_topk` compares ``Q`` queries with ``N`` database rows and returns, per
 query, the ``k`` most similar rows; :func:`pairwise_topk` / :func:`pairwise_max` do the
 same for two sets of vectors (model comparison, redundancy). The ``Q x N`` score
-matrix is never materialised: memory is ``O((Q + N) * k)`` whatever the backend.
+matrix is never materialised. Memory beyond the inputs (which are not copied when
+float32/fp16/bf16 with unit-stride rows) on the CPU backend: the ``[Q, k]`` result
+(12 bytes an entry), at most :data:`WORK_BYTES` (64 MiB) of working memory (queries are
+processed in blocks that fit, see ``ops/cpu/similarity.py``), and per thread a row block
+of at most 128 KiB plus its candidate lists (12 bytes an entry, ``k + max(16, k/4)``
+entries per query of a block); a single query whose need exceeds ``WORK_BYTES`` (huge k)
+is still processed.
 
 **The score** of a query ``q`` and a row ``x`` (both as float32 values; fp16/bf16
 inputs convert exactly) is their cosine similarity, computed in float64 with every
@@ -24,9 +30,18 @@ scores and identical ids. Inputs need not be normalised.
 the lower row id comes first. When fewer than ``k`` rows are eligible (``k > N`` or
 exclusions), the missing entries are ``id = -1`` with ``score = -inf``.
 
+**Magnitudes:** any finite float32 values are exact, from denormals to ~3.4e38, with
+rows (or components within a row) at very different scales: the reference's float64
+arithmetic represents every float32 square and product, and the fast backends' float32
+passes rescore a row whose float32 squared norm would underflow or overflow from a
+power-of-two rescaled copy (cosines are scale-invariant; C++: inside the kernels, Triton:
+a rescaled copy of the flagged rows for the candidate pass).
+
 **Bad input:** NaN or infinite values in a query or a database row raise
 :class:`~semlens_fast.errors.ArgumentError` naming the rows; so do mismatched
-dimensions, ``k <= 0`` and unsupported dtypes (float32, float16, bfloat16 are
+dimensions, ``k <= 0`` (or a k whose result would not fit in memory), exclusions
+outside ``-1 .. N-1``, tensors on devices the ops do not run on (mps, a CUDA device
+that is not there; meta tensors get result shapes only) and unsupported dtypes (float32, float16, bfloat16 are
 accepted).
 
 How the fast backends stay exact: a float32 candidate pass (a fused, blocked matrix
@@ -43,9 +58,14 @@ import torch
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from . import _backend
+from ._validate import check_result_size, check_tensor_device
 
 SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 2**62
+# Working memory of one search (CPU backend) beyond its inputs and its [Q, k] result: the
+# queries are processed in blocks that fit (see ops/cpu/similarity.py, query_block), and
+# the exact-scan fallback of certified_topk in sub-blocks of queries that fit.
+WORK_BYTES = 64 << 20
 
 
 def approx_error_bound(d: int) -> float:
@@ -86,10 +106,10 @@ def tensor_core_error_bound(d: int, query_error: torch.Tensor, row_error: float)
       norm factors;
     * the float32 norm, scaling and two ulps: :func:`approx_error_bound`.
 
-    Rows whose float32 squared norm is below ``2**-60`` (where underflow would break
-    these relative bounds) are not handled by the pass (the Triton backend sends such
-    databases to the reference).
-    """
+    Rows whose float32 squared norm is below ``2**-60`` or overflows (where underflow or
+    overflow would break these relative bounds) are not handled by the pass: the Triton
+    backend reruns it on a copy in which they are scaled by a power of two (exact rescoring
+    still reads the original rows)."""
     dq = query_error.double()
     return 1.01 * (dq + row_error + dq * row_error) + (d + 16.0) * 2.0**-21 + approx_error_bound(d)
 
@@ -104,6 +124,7 @@ def _check_matrix(x: object, name: str) -> torch.Tensor:
         raise DTypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 2:
         raise ShapeError(f"{name} must be a 2-D tensor [rows, d], got shape {tuple(x.shape)}")
+    check_tensor_device(x, name)
     return x
 
 
@@ -114,8 +135,15 @@ def _check_k(k: object) -> int:
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows of ``x [n, d]`` holding NaN or +-inf (ascending)."""
-    return torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().cpu()
+    """Indices of the rows of ``x [n, d]`` holding NaN or +-inf (ascending).
+
+    Works in row blocks of about 2^20 elements (a 1-byte mask per element of a block)."""
+    step = max(1, (1 << 20) // max(1, x.shape[1])) if x.dim() == 2 else max(1, x.shape[0])
+    if x.shape[0] <= step:
+        return torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().cpu()
+    parts = [torch.nonzero(~torch.isfinite(x[r0 : r0 + step]).all(dim=1)).flatten().cpu() + r0
+             for r0 in range(0, x.shape[0], step)]
+    return torch.cat(parts)
 
 
 def raise_nonfinite(x: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> None:
@@ -150,6 +178,10 @@ def _check_exclude(exclude: object, Q: int, N: int, device: torch.device) -> tor
     exclude = exclude.to(torch.int64).contiguous()
     if exclude.numel() and int(exclude.min()) < -1:
         raise ArgumentError(f"exclude holds row ids >= 0 or -1 (no exclusion), got minimum {int(exclude.min())}")
+    if exclude.numel() and int(exclude.max()) >= N:
+        raise ArgumentError(
+            f"exclude holds row id {int(exclude.max())} but there are {N} rows (ids 0..{N - 1}; -1 = no exclusion)"
+        )
     if exclude.shape[1] == 0:
         return None
     return exclude
@@ -187,17 +219,24 @@ def certified_topk(queries, db, k, exclude, candidates, rescore, unit_queries, *
         qr = q32[pending].contiguous() if sub else q32
         ex = exclude[pending].contiguous() if (sub and exclude is not None) else exclude
         if K > max_candidates and K < N:  # heavy ties: exact scan of these queries
-            best_s = torch.full((qr.shape[0], 0), float("-inf"), device=dev)
-            best_i = torch.full((qr.shape[0], 0), -1, dtype=torch.int64, device=dev)
-            for n0 in range(0, N, scan_chunk):
-                ids = torch.arange(n0, min(N, n0 + scan_chunk), device=dev).unsqueeze(0).expand(qr.shape[0], -1)
-                if ex is not None:
-                    hit = (ids.unsqueeze(2) == ex.unsqueeze(1)).any(dim=2)
-                    ids = torch.where(hit, torch.full_like(ids, -1), ids)
-                ids = ids.contiguous()
-                best_s, best_i = select(torch.cat([best_s, rescore(qr, db, ids)], 1), torch.cat([best_i, ids], 1), k)
-            s, i = select(best_s, best_i, k)
-            out_s[pending], out_i[pending] = s, i
+            # in sub-blocks of queries whose [rows, k + scan_chunk] temporaries (scores,
+            # ids, the sorts of select: ~64 bytes an entry, + m for the exclusions) fit
+            # in WORK_BYTES
+            step = max(1, WORK_BYTES // ((64 + (ex.shape[1] if ex is not None else 0)) * (k + scan_chunk)))
+            for p0 in range(0, qr.shape[0], step):
+                qs = qr[p0 : p0 + step]
+                es = ex[p0 : p0 + step] if ex is not None else None
+                best_s = torch.full((qs.shape[0], 0), float("-inf"), device=dev)
+                best_i = torch.full((qs.shape[0], 0), -1, dtype=torch.int64, device=dev)
+                for n0 in range(0, N, scan_chunk):
+                    ids = torch.arange(n0, min(N, n0 + scan_chunk), device=dev).unsqueeze(0).expand(qs.shape[0], -1)
+                    if es is not None:
+                        hit = (ids.unsqueeze(2) == es.unsqueeze(1)).any(dim=2)
+                        ids = torch.where(hit, torch.full_like(ids, -1), ids)
+                    ids = ids.contiguous()
+                    best_s, best_i = select(torch.cat([best_s, rescore(qs, db, ids)], 1), torch.cat([best_i, ids], 1), k)
+                s, i = select(best_s, best_i, k)
+                out_s[pending[p0 : p0 + step]], out_i[pending[p0 : p0 + step]] = s, i
             break
         res = candidates(qh, db, K, ex)
         approx, cand = res[0], res[1]
@@ -269,6 +308,7 @@ def _cosine_topk_op(queries: torch.Tensor, db: torch.Tensor, k: int,
     """Validated metadata (see :func:`cosine_topk`); checks the data, then dispatches."""
     Q, N = queries.shape[0], db.shape[0]
     exclude = _check_exclude(exclude, Q, N, queries.device)
+    check_result_size(Q, k, 12, "a result")
     raise_nonfinite(queries, "queries")
     if Q == 0 or N == 0:
         return empty_result(Q, k, queries.device)
@@ -289,8 +329,10 @@ def pairwise_topk(
 
     Returns ``(scores [N, k] float32, ids [N, k] int64)`` into ``b``; same semantics as
     :func:`cosine_topk`. ``exclude_diagonal=True`` drops the pair ``(i, i)`` (use it when
-    ``a`` and ``b`` are the same set, e.g. redundancy within a layer). Memory is
-    ``O((N + M) * k)``: the ``N x M`` similarity matrix is never materialised.
+    ``a`` and ``b`` are the same set, e.g. redundancy within a layer; rows ``i >= M``
+    of ``a`` then exclude nothing). The ``N x M`` similarity matrix is never
+    materialised; memory as for :func:`cosine_topk` (the ``[N, k]`` result plus at most
+    ``WORK_BYTES`` and the per-thread row blocks).
     """
     a = _check_matrix(a, "a")
     b = _check_matrix(b, "b")
@@ -299,8 +341,9 @@ def pairwise_topk(
     if a.shape[1] != b.shape[1]:
         raise ShapeError(f"a has dimension {a.shape[1]} (shape {tuple(a.shape)}) but b has {b.shape[1]} (shape {tuple(b.shape)})")
     exclude = None
-    if exclude_diagonal:
+    if exclude_diagonal:  # pair (i, i); rows i of a with no row i in b exclude nothing (-1)
         exclude = torch.arange(a.shape[0], dtype=torch.int64, device=a.device)
+        exclude = torch.where(exclude < b.shape[0], exclude, torch.full_like(exclude, -1))
     try:
         return cosine_topk(a, b, k, exclude=exclude)
     except ArgumentError as exc:  # name the arguments of this function

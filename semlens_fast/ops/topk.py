@@ -29,6 +29,11 @@ Positions are flattened spatial indices ``h * W + w`` for ``[B, C, H, W]`` maps 
 token indices for ``[B, T, C]`` activations; they are recorded for ``max`` and
 ``absmax`` and are ``-1`` otherwise (and for :func:`topk_update`).
 
+Sample ids are ``>= 0`` and unique over the whole stream: ids that are negative or occur
+twice within one batch are refused (:class:`~semlens_fast.errors.ArgumentError`, the
+state untouched); an id repeated across batches cannot be detected cheaply and is the
+caller's contract. :func:`merge_topk` checks both states fully (see there).
+
 Backends (see :mod:`semlens_fast.ops._backend`): torch reference, C++ CPU, Triton CUDA.
 """
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from . import _backend
+from ._validate import check_merge_states, check_result_size, check_tensor_device, parse_device
 
 Pool = Literal["max", "mean", "absmax", "sum"]
 POOLS: tuple[str, ...] = ("max", "mean", "absmax", "sum")
@@ -73,7 +79,8 @@ class TopKState:
             raise ArgumentError(f"channels must be an int >= 0, got {channels!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ArgumentError(f"k must be an int >= 1, got {k!r}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = parse_device(device, "device")
+        check_result_size(channels, k, 16, "a state")
         return cls(
             values=torch.full((channels, k), float("-inf"), dtype=torch.float32, device=dev),
             ids=torch.full((channels, k), -1, dtype=torch.int64, device=dev),
@@ -101,6 +108,7 @@ class TopKState:
         return TopKState(self.values.clone(), self.ids.clone(), self.positions.clone(), self.nan_counts.clone())
 
     def to(self, device: torch.device | str) -> "TopKState":
+        device = parse_device(device, "device")
         return TopKState(
             self.values.to(device), self.ids.to(device), self.positions.to(device), self.nan_counts.to(device)
         )
@@ -144,6 +152,7 @@ def _validate_state(state: TopKState, name: str) -> None:
         raise DeviceError(f"{name}.nan_counts must be contiguous and on {v.device}")
     if v.shape[1] < 1:
         raise ShapeError(f"{name} must have k >= 1 slots per channel, got shape {tuple(v.shape)}")
+    check_tensor_device(v, f"{name}.values")
 
 
 def _check_ids(sample_ids: object, batch: int, device: torch.device) -> torch.Tensor:
@@ -168,6 +177,30 @@ def _check_ids(sample_ids: object, batch: int, device: torch.device) -> torch.Te
 def negative_ids_error(sample_ids: torch.Tensor) -> ArgumentError:
     bad = torch.nonzero(sample_ids < 0).flatten()[:5].tolist()
     return ArgumentError(f"sample_ids must be >= 0 (-1 marks empty slots); negative at batch rows {bad}")
+
+
+def duplicate_ids_error(sample_ids: torch.Tensor) -> ArgumentError:
+    s, order = torch.sort(sample_ids.cpu())
+    dup = torch.nonzero(s[1:] == s[:-1]).flatten()
+    vals = torch.unique(s[1:][dup])
+    first = int(vals[0]) if vals.numel() else None
+    rows = torch.nonzero(sample_ids.cpu() == first).flatten()[:5].tolist() if first is not None else []
+    return ArgumentError(
+        f"sample_ids must be distinct (one id per sample, unique over the whole stream); "
+        f"{vals.numel()} id(s) occur more than once in this batch, e.g. {first} at batch rows {rows}"
+    )
+
+
+def check_batch_ids(sample_ids: torch.Tensor) -> None:
+    """Sample ids of one batch are >= 0 and distinct (torch backends; the C++ kernel checks itself)."""
+    if sample_ids.numel() == 0:
+        return
+    if bool((sample_ids < 0).any()):
+        raise negative_ids_error(sample_ids)
+    if sample_ids.numel() > 1 and not bool((sample_ids[1:] > sample_ids[:-1]).all()):
+        s = torch.sort(sample_ids).values
+        if bool((s[1:] == s[:-1]).any()):
+            raise duplicate_ids_error(sample_ids)
 
 
 def _check_acts(x: object, name: str, state: TopKState) -> torch.Tensor:
@@ -215,10 +248,12 @@ def _backend_module(device: torch.device):
 def topk_update(state: TopKState, acts: torch.Tensor, sample_ids: torch.Tensor) -> TopKState:
     """Merge per-sample activations ``acts [B, C]`` into ``state`` in place and return it.
 
-    ``sample_ids [B]`` are the samples' ids (>= 0, unique across the whole stream).
-    Positions of new entries are -1. NaN activations are skipped and counted in
-    ``state.nan_counts``. Cost: one read of ``acts``; no copy unless ``acts`` has a
-    channel stride other than 1 and a sample stride other than 1.
+    ``sample_ids [B]`` are the samples' ids (>= 0, unique across the whole stream;
+    negative or repeated ids within the batch raise ArgumentError). Positions of new
+    entries are -1. NaN activations are skipped and counted in ``state.nan_counts``.
+    Cost: one read of ``acts``; no copy unless ``acts`` has a channel stride other than 1
+    and a sample stride other than 1. At large k (C++ backend, k >= 256) candidates are
+    merged per channel in one pass per batch instead of one insertion each.
     """
     check_state(state)
     acts = _check_acts(acts, "acts", state)
@@ -265,7 +300,10 @@ def merge_topk(a: TopKState, b: TopKState) -> TopKState:
 
     The two states must come from disjoint sets of samples (shards of a dataset, or a
     run and its resumption on the remaining data); NaN counts add up. Neither input is
-    modified.
+    modified. Both states are checked first (O(C k log k)): sorted best first, no NaN
+    values, ids >= 0 or -1 for empty slots, no sample id twice in a channel, and no
+    channel holding the same sample id in both states; any violation raises
+    :class:`~semlens_fast.errors.ArgumentError`.
     """
     check_state(a, "a")
     check_state(b, "b")
@@ -279,13 +317,6 @@ def merge_topk(a: TopKState, b: TopKState) -> TopKState:
     return out
 
 
-def _check_sorted(a: TopKState, b: TopKState) -> None:
-    for name, s in (("a", a), ("b", b)):
-        v = s.values
-        if v.shape[1] > 1 and bool((v[:, 1:] > v[:, :-1]).any()):
-            raise ArgumentError(f"{name} is not sorted best first: build states with TopKState.empty and these ops")
-
-
 # --------------------------------------------------------------------------- registered torch ops
 #
 # Each public op above validates what its arguments' metadata tell (types, dtypes,
@@ -293,8 +324,9 @@ def _check_sorted(a: TopKState, b: TopKState) -> None:
 # calls one registered op, ``torch.ops.semlens.<name>``, declared with
 # ``torch.library.custom_op``. The op's implementation runs eagerly (also inside compiled
 # graphs, where it is opaque): it first makes the checks that read the data (negative
-# ids, sortedness, NaN rows) -- so nothing unchecked ever reaches a kernel -- then picks
-# the backend. ``register_fake`` gives shapes to fake and meta tensors; ops that update
+# or repeated sample ids, the merged states' contents: sortedness, NaN, ids, overlapping
+# shards; NaN rows and exclusions of the similarity op) -- so nothing unchecked ever
+# reaches a kernel -- then picks the backend. ``register_fake`` gives shapes to fake and meta tensors; ops that update
 # a TopKState in place name its tensors in ``mutates_args`` and return nothing.
 # A new op follows the same three steps (see docs/ARCHITECTURE.md, "Registered ops").
 
@@ -307,10 +339,13 @@ def _pool_topk_update_op(values: torch.Tensor, ids: torch.Tensor, positions: tor
     """Pool ``x [B, C, S]`` and merge into the state in place (validated by the public ops)."""
     state = TopKState(values, ids, positions, nan_counts)
     name = _backend.choose(state.device)
-    if name != "cpu" and bool((sample_ids < 0).any()):  # the C++ kernel checks this itself
+    if name != "cpu":  # the C++ kernel checks the ids itself (returns a code)
+        check_batch_ids(sample_ids)
+    rc = _backend.module(name).pool_topk_update(state, x, sample_ids, pool, track)
+    if rc == 1:
         raise negative_ids_error(sample_ids)
-    if _backend.module(name).pool_topk_update(state, x, sample_ids, pool, track) is False:
-        raise negative_ids_error(sample_ids)
+    if rc == 2:
+        raise duplicate_ids_error(sample_ids)
 
 
 @_pool_topk_update_op.register_fake
@@ -325,7 +360,7 @@ def _merge_topk_op(values: torch.Tensor, ids: torch.Tensor, positions: torch.Ten
     """Merge state ``b`` into the state in place (validated by :func:`merge_topk`)."""
     out = TopKState(values, ids, positions, nan_counts)
     b = TopKState(b_values, b_ids, b_positions, b_nan_counts)
-    _check_sorted(out, b)
+    check_merge_states(out, b, "a", "b")  # out is a copy of a
     _backend_module(out.device).merge_topk(out, b)
 
 

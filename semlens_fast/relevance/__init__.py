@@ -1,5 +1,7 @@
 """Relevance propagation: DLBacktrace (default and contrast modes) and LRP, batched, on any
-device, through any ``torch.fx``-traceable model (module-hook fallback for plain chains).
+device, through models captured with ``torch.fx`` or ``torch.export`` (CNNs, U-Nets, vision
+transformers, LSTM/GRU models, BERT-style encoders, causal language models; module-hook
+fallback for plain chains).
 
 Quick start::
 
@@ -32,6 +34,8 @@ from .composite import (
     lrp_zplus,
 )
 from .engine import RelevanceEngine, RelevanceResult, UnsupportedOpError, relevance
+from .rules_nn import (Embedding, EvalIdentity, LayerNormLRP, Recurrent, Refuse, ScaledDotProductAttention,
+                       SoftmaxLRP)
 from .rules import (
     AddSplit,
     AlphaBeta,
@@ -57,5 +61,6 @@ __all__ = [
     "epsilon_plus_flat", "channel_relevance", "ChannelRelevanceStats", "dataset_channel_relevance",
     "conditional_relevance", "relevance_crop_box", "rules", "Rule", "PassThrough", "IndexMap", "DLBAffine",
     "DLBContrastAffine", "DLBProportional", "MaxPoolWinnerTakesAll", "UniformUpsample", "AddSplit", "MulHalf",
-    "Product", "Epsilon", "ZPlus", "AlphaBeta", "Flat", "Norm",
+    "Product", "Epsilon", "ZPlus", "AlphaBeta", "Flat", "Norm", "SoftmaxLRP", "LayerNormLRP",
+    "ScaledDotProductAttention", "Embedding", "Recurrent", "EvalIdentity", "Refuse",
 ]

@@ -332,12 +332,14 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _clean_stale(out: Path) -> None:
-    """Remove hidden build/old folders of earlier interrupted writes of ``out`` (only those
-    that write_report marked, or still empty)."""
+    """Remove hidden build/old folders of earlier interrupted writes of ``out``: only those
+    holding nothing but what write_report writes (a kill during a build, or during the removal
+    of the previous report, leaves any subset of it)."""
+    ours = {"index.html", MARKER, "img"}
     for p in out.parent.glob(f".{out.name}.*"):
         if not p.is_dir() or p.is_symlink() or not (p.name.endswith(".tmp") or ".old-" in p.name):
             continue
-        if (p / MARKER).exists() or not any(p.iterdir()) or (p / "img").is_dir():
+        if {c.name for c in p.iterdir()} <= ours:
             shutil.rmtree(p, ignore_errors=True)
 
 

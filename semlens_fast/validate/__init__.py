@@ -7,7 +7,7 @@ See ``docs/validate.md``.
 from __future__ import annotations
 
 from .concepts import ConceptValidation, concept_stage, layer_means, resolve_labels, validate_concepts
-from .core import AXIOMS, INPUT, OUTPUT, AxiomResult, Stage, ValidationResult, validate
+from .core import AXIOMS, INPUT, OUTPUT, AxiomResult, Interpretation, Stage, ValidationResult, validate, validate_many
 from .equivalence import (
     AllClose,
     Argmax,
@@ -30,7 +30,9 @@ from .stats import clopper_pearson_lower, epsilon_bound
 
 __all__ = [
     "validate",
+    "validate_many",
     "Stage",
+    "Interpretation",
     "AxiomResult",
     "ValidationResult",
     "INPUT",

@@ -118,24 +118,36 @@ def layer_means(
     progress: bool = True,
 ) -> torch.Tensor:
     """Mean over ``data`` of the output of module ``layer``: a tensor of one sample's shape
-    (per-position means), accumulated in float64, returned in the layer's dtype."""
+    (per-position means), accumulated in float64, returned in the layer's dtype. Samples whose
+    state holds a NaN or an infinity are left out of the mean, with a warning that counts them
+    (one such sample would otherwise make every ablated state NaN); all of them: ArgumentError."""
+    import warnings
+
     from tqdm.auto import tqdm
 
     runner = _Runner(model, forward=forward, inputs=inputs, output=output, device=device)
     runner.check_module(layer, "layer")
     total: Optional[torch.Tensor] = None
-    n = 0
+    n = seen = 0
     dtype = None
     with _EvalMode(model):
         for _, batch in tqdm(runner.batches(data, batch_size), desc="layer means", disable=not progress):
             states, _, _ = runner.record(to_device(batch, runner.device), [layer])
             s = states[layer]
             dtype = s.dtype
-            part = s.double().sum(0)
+            ok = s.reshape(s.shape[0], -1).isfinite().all(1)
+            part = s[ok].double().sum(0)
             total = part if total is None else total + part
-            n += s.shape[0]
-    if total is None or n == 0:
+            n += int(ok.sum())
+            seen += s.shape[0]
+    if total is None or seen == 0:
         raise ArgumentError("data is empty: cannot compute the means of the layer")
+    if n == 0:
+        raise ArgumentError(f"layer {layer!r}: every one of the {seen} samples has a NaN or infinite state; "
+                            "no mean to ablate with")
+    if n < seen:
+        warnings.warn(f"layer_means: {seen - n} of {seen} samples have a NaN or infinite state at layer {layer!r}; "
+                      "they are left out of the mean", UserWarning, stacklevel=2)
     return (total / n).to(dtype)
 
 

@@ -5,7 +5,7 @@ import difflib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -35,7 +35,8 @@ AXIOM_NAMES = {
 
 StateFn = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["Stage", "AxiomResult", "ValidationResult", "validate", "INPUT", "OUTPUT", "AXIOMS"]
+__all__ = ["Stage", "Interpretation", "AxiomResult", "ValidationResult", "validate", "validate_many", "INPUT", "OUTPUT",
+           "AXIOMS"]
 
 
 # ---------------------------------------------------------------------- the interpretation
@@ -65,6 +66,11 @@ class Stage:
         equiv: equivalence on this stage's abstract states (used by A1/A2): an
             :class:`~semlens_fast.validate.Equivalence`, a name (``"exact"``, ``"unordered"``,
             ``"downstream"``) or a callable ``fn(a, b) -> [B] bool tensor``.
+        rest: optional shortcut for replaceability: ``fn(state at end) -> model output`` (after
+            ``output=``), the rest of the model ``t_>i`` computed directly instead of running the
+            whole model with the state patched in (use it when the prefix is expensive and the
+            rest is cheap). It is checked on the first batch: on the recorded state it must
+            reproduce the recorded output (to ``rtol=1e-4``), else ArgumentError.
     """
 
     name: str
@@ -74,6 +80,7 @@ class Stage:
     alpha: StateFn
     gamma: Optional[StateFn] = None
     equiv: Any = "exact"
+    rest: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 # ---------------------------------------------------------------------- results
@@ -87,7 +94,8 @@ class AxiomResult:
     on the success probability: with probability >= ``confidence`` the axiom fails on at most
     a fraction ``epsilon`` of inputs drawn like ``data``. ``histogram`` maps a mismatch distance
     (the equivalence's distance: e.g. number of differing abstract positions, or of differing
-    output decisions; 0 = success) to its count. ``counterexamples`` are sample ids of failures
+    output decisions; 0 = success; -1 = a NaN in the input, output or compared states, a
+    failure) to its count. ``counterexamples`` are sample ids of failures
     (dataset indices; at most ``max_counterexamples``). ``confusion`` (replaceability with an
     argmax output equivalence on ``[B, C]`` outputs) maps ``(model class, patched class)`` of the
     failures to counts.
@@ -374,7 +382,10 @@ class _Acc:
         self.conf: Optional[dict[tuple[int, int], int]] = None
         self.max_cex = max_cex
 
-    def add(self, eq: torch.Tensor, dist: torch.Tensor, ids: torch.Tensor) -> None:
+    def add(self, eq: torch.Tensor, dist: torch.Tensor, ids: torch.Tensor, nan: Optional[torch.Tensor] = None) -> None:
+        if nan is not None:  # a NaN anywhere in the comparison: a failure, distance -1
+            nan = nan.to(eq.device)
+            eq, dist = eq & ~nan, torch.where(nan, torch.full_like(dist, -1), dist)
         self.n += int(eq.numel())
         self.ok += int(eq.sum())
         vals, counts = torch.unique(dist.cpu(), return_counts=True)
@@ -439,6 +450,239 @@ def _compose(fns: Sequence[StateFn]) -> StateFn:
     return f
 
 
+def _nan_rows(t: Any, b: int) -> Optional[torch.Tensor]:
+    """``[B]`` bool: samples of a batched floating tensor with a NaN anywhere (None if not floating)."""
+    if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or t.dim() == 0 or t.shape[0] != b:
+        return None
+    return torch.isnan(t.reshape(b, -1)).any(1)
+
+
+@dataclass
+class Interpretation:
+    """A named interpretation for :func:`validate_many`: its stages and, optionally, its own
+    ``alpha0`` and ``axioms`` (default: those given to :func:`validate_many`)."""
+
+    stages: Sequence[Stage]
+    alpha0: Optional[StateFn] = None
+    axioms: Optional[Sequence[str]] = None
+
+
+def _check_axioms(axioms: Any, what: str) -> tuple[str, ...]:
+    if isinstance(axioms, str):
+        axioms = (axioms,)
+    try:
+        axioms = tuple(axioms)
+    except TypeError:
+        raise ArgumentError(f"{what} must be a non-empty subset of {AXIOMS}, got {axioms!r}") from None
+    bad = [a for a in axioms if a not in AXIOMS]
+    if bad or not axioms:
+        raise ArgumentError(f"{what} must be a non-empty subset of {AXIOMS}, got {axioms!r}")
+    return axioms
+
+
+class _Plan:
+    """One interpretation's checked stages, what to compute, and its accumulators."""
+
+    def __init__(self, name: str, interp: Interpretation, runner: _Runner, axioms: tuple[str, ...], max_cex: int):
+        prefix = f"interpretation {name!r}, " if name else ""
+        stages = interp.stages
+        if isinstance(stages, Stage) or not isinstance(stages, Sequence) or len(stages) == 0:
+            raise ArgumentError(f"{prefix}stages must be a non-empty list of Stage, got {stages!r:.200}")
+        stages = list(stages)
+        for i, st in enumerate(stages):
+            if not isinstance(st, Stage):
+                raise ArgumentError(f"{prefix}stages[{i}] must be a Stage, got {type(st).__name__}")
+        if interp.alpha0 is not None and not callable(interp.alpha0):
+            raise ArgumentError(f"{prefix}alpha0 must be callable or None, got {interp.alpha0!r}")
+        self.name, self.stages, self.alpha0 = name, stages, interp.alpha0
+        axioms = axioms if interp.axioms is None else _check_axioms(interp.axioms, f"{prefix}axioms")
+        where = self.where = [f"{prefix}stage {i} {st.name!r}" for i, st in enumerate(stages)]
+        starts = self.starts = [_norm_start(st.start) for st in stages]
+        ends = self.ends = [_norm_end(st.end) for st in stages]
+        for i, st in enumerate(stages):
+            if not callable(st.alpha):
+                raise ArgumentError(f"{where[i]}: alpha must be a callable (concrete state -> abstract state), got {st.alpha!r}")
+            if st.h is not None and not callable(st.h):
+                raise ArgumentError(f"{where[i]}: h must be a callable (abstract -> abstract state) or None, got {st.h!r}")
+            if st.gamma is not None and not callable(st.gamma):
+                raise ArgumentError(f"{where[i]}: gamma must be a callable (abstract -> concrete state) or None, got {st.gamma!r}")
+            if st.rest is not None and not callable(st.rest):
+                raise ArgumentError(f"{where[i]}: rest must be a callable (state at end -> model output) or None, got {st.rest!r}")
+            if starts[i] == OUTPUT:
+                raise ArgumentError(f"{where[i]}: start is '{OUTPUT}'; a stage cannot begin at the model output")
+            if ends[i] == INPUT:
+                raise ArgumentError(f"{where[i]}: end is '{INPUT}'; a stage cannot end at the model input")
+            if starts[i] == ends[i]:
+                raise ArgumentError(f"{where[i]}: start and end are the same boundary {starts[i]!r}")
+            for what, bnd in (("start", starts[i]), ("end", ends[i])):
+                if bnd not in (INPUT, OUTPUT):
+                    runner.check_module(bnd, f"{where[i]}: {what}")
+            if i > 0 and starts[i] != ends[i - 1]:
+                raise ArgumentError(
+                    f"stages do not chain: {where[i]} starts at {starts[i]!r} but {where[i - 1]} ends at "
+                    f"{ends[i - 1]!r}; expected stages[{i}].start == stages[{i - 1}].end"
+                )
+        self.equivs: list[Equivalence] = []
+        for i, st in enumerate(stages):
+            eq = as_equivalence(st.equiv, f"{where[i]}: equiv")
+            if isinstance(eq, Downstream) and eq.fn is None:
+                later = stages[i + 1 :]
+                opaque = [s.name for s in later if s.h is None]
+                if opaque:
+                    raise ArgumentError(
+                        f"{where[i]}: the downstream equivalence needs the later abstract functions, but stage(s) "
+                        f"{opaque} have h=None; give downstream(fn=...) explicitly"
+                    )
+                eq = eq.bind(_compose([s.h for s in later]))  # type: ignore[misc]
+            self.equivs.append(eq)
+        self.skipped: list[str] = []
+        self.no_gamma: list[tuple[int, list[str]]] = []
+        want: list[tuple[int, str]] = []
+        for i, st in enumerate(stages):
+            missing = []
+            for ax in AXIOMS:
+                if ax not in axioms:
+                    continue
+                if ax in ("A1", "A2") and st.h is None:
+                    self.skipped.append(f"{where[i]} {ax}: h is None (opaque stage, no claim on how its state is computed)")
+                    continue
+                if ax in ("A3", "A4") and st.gamma is None:
+                    self.skipped.append(f"{where[i]} {ax}: no gamma (concretisation) given")
+                    missing.append(ax)
+                    continue
+                want.append((i, ax))
+            if missing:
+                self.no_gamma.append((i, missing))
+        self.want = want
+        self.need_prefix = any(ax in ("A1", "A3") for _, ax in want)
+        self.need_comp = any(ax in ("A2", "A4") for _, ax in want)
+        self.accs = {key: _Acc(max_cex) for key in want}
+        self.rest_checked = [False] * len(stages)
+        self.modules = {bnd for bnd in starts + ends if bnd not in (INPUT, OUTPUT)}
+        self.needs_input = stages[0].h is not None and starts[0] == INPUT  # alpha0 is used only then
+
+    def check_order(self, pos: dict[str, int]) -> None:
+        for i in range(len(self.stages)):
+            if pos[self.starts[i]] >= pos[self.ends[i]]:
+                raise ArgumentError(
+                    f"{self.where[i]}: boundary {self.ends[i]!r} (end) runs before {self.starts[i]!r} (start) in the "
+                    f"forward pass; expected start to run first"
+                )
+
+    def _rest(self, i: int, s: torch.Tensor, y: torch.Tensor, states: dict[str, torch.Tensor],
+              runner: _Runner, batch: Any) -> torch.Tensor:
+        st, end = self.stages[i], self.ends[i]
+        if end == OUTPUT:
+            return s
+        if st.rest is None:
+            return runner.patched(batch, end, s)
+        if not self.rest_checked[i]:  # the shortcut must reproduce the model on the recorded state
+            ref = _as_output(st.rest(states[end]), y, self.where[i])
+            scale = float(y.detach().abs().max()) if y.numel() and y.is_floating_point() else 1.0
+            same = torch.allclose(ref.to(y.dtype), y, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True) \
+                if y.is_floating_point() else torch.equal(ref, y)
+            if not same:
+                raise ArgumentError(
+                    f"{self.where[i]}: rest(state at {end!r}) does not reproduce the model output on the recorded "
+                    f"state (max difference {float((ref.to(y.dtype) - y).abs().max()) if y.is_floating_point() else 'n/a'}); "
+                    f"rest must compute the rest of the model t_>i exactly (or leave rest=None to run the model patched)"
+                )
+            self.rest_checked[i] = True
+        return _as_output(st.rest(s), y, self.where[i])
+
+    def run_batch(self, states: dict[str, torch.Tensor], y: torch.Tensor, batch: Any, ids: torch.Tensor,
+                  runner: _Runner, out_eq: Equivalence, bad: torch.Tensor) -> None:
+        b = len(ids)
+        stages, where, ends = self.stages, self.where, self.ends
+        prev_c = prev_p = None
+        if stages[0].h is not None:
+            a0 = states[self.starts[0]] if self.alpha0 is None else self.alpha0(states[self.starts[0]])
+            prev_c = prev_p = _batched(a0, b, f"{where[0]} (alpha0)", "alpha0")
+        for i, st in enumerate(stages):
+            c = _batched(st.alpha(states[ends[i]]), b, where[i], "alpha")
+            if st.h is None:
+                pref = comp = c
+            else:
+                comp = _batched(st.h(prev_c), b, where[i], "h") if self.need_comp else None
+                if i == 0 and comp is not None:
+                    pref = comp
+                elif self.need_prefix:
+                    pref = _batched(st.h(prev_p), b, where[i], "h")
+                else:
+                    pref = None
+            for ax, ab in (("A1", pref), ("A2", comp)):
+                if (i, ax) in self.accs:
+                    try:
+                        eq, dist = _check_eq(self.equivs[i].compare(c, ab), b)
+                    except SemlensError as e:
+                        raise type(e)(f"{where[i]}, {ax}: {e}") from None
+                    self.accs[i, ax].add(eq, dist, ids, _nan_mask(bad, c, ab))
+            patches: dict[str, torch.Tensor] = {}
+            for ax, ab in (("A3", pref), ("A4", comp)):
+                if (i, ax) not in self.accs:
+                    continue
+                if ax == "A4" and "A3" in patches and comp is pref:
+                    patches["A4"] = patches["A3"]
+                    continue
+                s = st.gamma(ab)  # type: ignore[misc]
+                ref = states[ends[i]]
+                if not isinstance(s, torch.Tensor) or s.shape != ref.shape:
+                    raise ShapeError(
+                        f"{where[i]}, {ax}: gamma returned {_shape(s)}, expected a concrete state of the "
+                        f"shape of boundary {ends[i]!r}: {tuple(ref.shape)}"
+                    )
+                patches[ax] = s.to(device=ref.device, dtype=ref.dtype)
+            outs: dict[int, torch.Tensor] = {}
+            for ax, s in patches.items():
+                if id(s) not in outs:
+                    outs[id(s)] = self._rest(i, s, y, states, runner, batch)
+                yp = outs[id(s)]
+                try:
+                    eq, dist = _check_eq(out_eq.compare(y, yp), b)
+                except SemlensError as e:
+                    raise type(e)(f"{where[i]}, {ax} (output_equiv): {e}") from None
+                nan = _nan_mask(bad, yp)
+                self.accs[i, ax].add(eq, dist, ids, nan)
+                if isinstance(out_eq, Argmax) and y.dim() == 2:
+                    self.accs[i, ax].add_confusion(y, yp, eq & ~nan)
+            prev_c, prev_p = c, pref
+
+    def result(self, confidence: float, n: int) -> ValidationResult:
+        results = []
+        for (i, ax), acc in self.accs.items():
+            results.append(
+                AxiomResult(
+                    stage=self.stages[i].name,
+                    stage_index=i,
+                    axiom=ax,
+                    n=acc.n,
+                    successes=acc.ok,
+                    confidence=float(confidence),
+                    epsilon=1.0 - clopper_pearson_lower(acc.ok, acc.n, float(confidence)),
+                    histogram=dict(sorted(acc.hist.items())),
+                    counterexamples=acc.cex,
+                    confusion=acc.conf,
+                )
+            )
+        return ValidationResult(results=results, confidence=float(confidence), n=n, skipped=list(self.skipped))
+
+
+def _nan_mask(bad: torch.Tensor, *ts: Any) -> torch.Tensor:
+    """``bad`` or-ed with the samples that hold a NaN in any of ``ts``."""
+    out = bad
+    for t in ts:
+        m = _nan_rows(t, len(bad))
+        if m is not None:
+            out = out | m.to(out.device)
+    return out
+
+
+def _as_output(t: Any, y: torch.Tensor, where: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.shape != y.shape:
+        raise ShapeError(f"{where}: rest returned {_shape(t)}, expected the model output's shape {tuple(y.shape)}")
+    return t
+
+
 def validate(
     model: nn.Module,
     stages: Sequence[Stage],
@@ -470,17 +714,22 @@ def validate(
     ``~`` is the stage's equivalence, ``=`` is ``output_equiv``. Each probability is estimated on
     ``data`` and reported as ``epsilon = 1 -`` the lower one-sided exact Clopper-Pearson bound at
     ``confidence``. ``t_>i(s)`` is computed by activation patching: the model is run on ``x``
-    with a forward hook on stage ``i``'s end module returning ``s``. Per batch, the model runs
-    once with hooks recording every boundary state (the cached concrete pass), then once per
-    stage and replaceability axiom (A3 and A4 share the run when their patches coincide;
-    nothing runs for a stage that ends at the model output).
+    with a forward hook on stage ``i``'s end module returning ``s`` (or by the stage's ``rest``
+    function when it has one). Per batch, the model runs once with hooks recording every
+    boundary state (the cached concrete pass), then once per stage and replaceability axiom
+    (A3 and A4 share the run when their patches coincide; nothing runs for a stage that ends at
+    the model output or has ``rest``).
+
+    A sample whose input, model output or compared state holds a NaN is a failure of that axiom
+    (histogram distance ``-1``), never a success; a warning says how many there were.
 
     Args:
         model: any ``nn.Module``; put into ``eval()`` (modes restored) under ``inference_mode``.
         stages: the :class:`Stage` list, chained: ``stages[i].end == stages[i+1].start``.
-        data: a tensor of inputs, a map-style ``Dataset`` (items ``x`` or ``(x, y, ...)``), a
-            ``DataLoader`` or an iterable of batches. Counterexample ids are dataset indices
-            (for a ``DataLoader``, the indices its sampler drew), else running positions.
+        data: a non-empty tensor of inputs, a map-style ``Dataset`` (items ``x`` or
+            ``(x, y, ...)``), a ``DataLoader`` or an iterable of batches. Counterexample ids are
+            dataset indices (for a ``DataLoader``, the indices its sampler drew), else running
+            positions.
         axioms: subset of ``("A1", "A2", "A3", "A4")``.
         confidence: confidence level of the one-sided bound, in (0, 1).
         batch_size: batch size for tensors and datasets.
@@ -506,96 +755,82 @@ def validate(
     Raises:
         ArgumentError / ShapeError naming the stage for: unknown or unordered boundaries,
         stages that do not chain, non-callable maps, a gamma returning a state of the wrong
-        shape, maps that drop the batch dimension, non-vectorised equivalences.
+        shape, maps that drop the batch dimension, non-vectorised equivalences, a ``rest`` that
+        does not reproduce the model; ArgumentError for empty ``data``.
     """
+    res = _validate({"": Interpretation(stages, alpha0=alpha0)}, model, data, axioms, confidence, batch_size=batch_size,
+                    output_equiv=output_equiv, output=output, forward=forward, inputs=inputs, device=device,
+                    max_counterexamples=max_counterexamples, progress=progress)
+    return res[""]
+
+
+def validate_many(
+    model: nn.Module,
+    interpretations: Mapping[str, Union[Interpretation, Sequence[Stage]]],
+    data: Any,
+    axioms: Sequence[str] = AXIOMS,
+    confidence: float = 0.95,
+    **kw: Any,
+) -> dict[str, ValidationResult]:
+    """:func:`validate` for several interpretations of one model on the same data, sharing the
+    cached concrete pass: per batch the model runs once with hooks on every boundary of every
+    interpretation; then each interpretation's abstract computations and patched runs follow.
+
+    ``interpretations`` maps names to stage lists or :class:`Interpretation` (stages with their
+    own ``alpha0`` / ``axioms``). Keyword arguments are those of :func:`validate` (``alpha0``
+    is the default of interpretations without their own). Returns ``{name: ValidationResult}``;
+    errors name the interpretation."""
+    if not isinstance(interpretations, Mapping) or not interpretations:
+        raise ArgumentError(f"interpretations must be a non-empty mapping {{name: stages}}, got {interpretations!r:.200}")
+    alpha0 = kw.pop("alpha0", None)
+    plans = {}
+    for name, it in interpretations.items():
+        if not isinstance(name, str) or not name:
+            raise ArgumentError(f"interpretation names must be non-empty strings, got {name!r}")
+        if not isinstance(it, Interpretation):
+            it = Interpretation(it, alpha0=alpha0)
+        elif it.alpha0 is None and alpha0 is not None:
+            it = Interpretation(it.stages, alpha0=alpha0, axioms=it.axioms)
+        plans[name] = it
+    return _validate(plans, model, data, axioms, confidence, **kw)
+
+
+def _validate(
+    interpretations: dict[str, Interpretation],
+    model: nn.Module,
+    data: Any,
+    axioms: Sequence[str],
+    confidence: float,
+    *,
+    batch_size: int = 64,
+    output_equiv: Any = "argmax",
+    output: Optional[Callable[[Any], torch.Tensor]] = None,
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    inputs: Optional[Callable[[Any], Any]] = None,
+    device: Union[torch.device, str, None] = None,
+    max_counterexamples: int = 100,
+    progress: bool = True,
+) -> dict[str, ValidationResult]:
     runner = _Runner(model, forward=forward, inputs=inputs, output=output, device=device)
-    if isinstance(stages, Stage) or not isinstance(stages, Sequence) or len(stages) == 0:
-        raise ArgumentError(f"stages must be a non-empty list of Stage, got {stages!r:.200}")
-    stages = list(stages)
-    for i, st in enumerate(stages):
-        if not isinstance(st, Stage):
-            raise ArgumentError(f"stages[{i}] must be a Stage, got {type(st).__name__}")
-    if isinstance(axioms, str):
-        axioms = (axioms,)
-    axioms = tuple(axioms)
-    bad = [a for a in axioms if a not in AXIOMS]
-    if bad or not axioms:
-        raise ArgumentError(f"axioms must be a non-empty subset of {AXIOMS}, got {axioms!r}")
+    axioms = _check_axioms(axioms, "axioms")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise ArgumentError(f"confidence must be a float in (0, 1), got {confidence!r}")
     if isinstance(max_counterexamples, bool) or not isinstance(max_counterexamples, int) or max_counterexamples < 0:
         raise ArgumentError(f"max_counterexamples must be an int >= 0, got {max_counterexamples!r}")
-    if alpha0 is not None and not callable(alpha0):
-        raise ArgumentError(f"alpha0 must be callable or None, got {alpha0!r}")
     out_eq = as_equivalence(output_equiv, "output_equiv")
     if isinstance(out_eq, Downstream) and out_eq.fn is None:
         raise ArgumentError("output_equiv cannot be an unbound downstream equivalence (there is nothing downstream of the output)")
-
-    # ---- stages: names, callables, boundaries, chaining
-    where = [f"stage {i} {st.name!r}" for i, st in enumerate(stages)]
-    starts = [_norm_start(st.start) for st in stages]
-    ends = [_norm_end(st.end) for st in stages]
-    for i, st in enumerate(stages):
-        if not callable(st.alpha):
-            raise ArgumentError(f"{where[i]}: alpha must be a callable (concrete state -> abstract state), got {st.alpha!r}")
-        if st.h is not None and not callable(st.h):
-            raise ArgumentError(f"{where[i]}: h must be a callable (abstract -> abstract state) or None, got {st.h!r}")
-        if st.gamma is not None and not callable(st.gamma):
-            raise ArgumentError(f"{where[i]}: gamma must be a callable (abstract -> concrete state) or None, got {st.gamma!r}")
-        if starts[i] == OUTPUT:
-            raise ArgumentError(f"{where[i]}: start is '{OUTPUT}'; a stage cannot begin at the model output")
-        if ends[i] == INPUT:
-            raise ArgumentError(f"{where[i]}: end is '{INPUT}'; a stage cannot end at the model input")
-        if starts[i] == ends[i]:
-            raise ArgumentError(f"{where[i]}: start and end are the same boundary {starts[i]!r}")
-        for what, b in (("start", starts[i]), ("end", ends[i])):
-            if b not in (INPUT, OUTPUT):
-                runner.check_module(b, f"{where[i]}: {what}")
-        if i > 0 and starts[i] != ends[i - 1]:
-            raise ArgumentError(
-                f"stages do not chain: {where[i]} starts at {starts[i]!r} but {where[i - 1]} ends at "
-                f"{ends[i - 1]!r}; expected stages[{i}].start == stages[{i - 1}].end"
-            )
-    equivs: list[Equivalence] = []
-    for i, st in enumerate(stages):
-        eq = as_equivalence(st.equiv, f"{where[i]}: equiv")
-        if isinstance(eq, Downstream) and eq.fn is None:
-            later = stages[i + 1 :]
-            opaque = [s.name for s in later if s.h is None]
-            if opaque:
-                raise ArgumentError(
-                    f"{where[i]}: the downstream equivalence needs the later abstract functions, but stage(s) "
-                    f"{opaque} have h=None; give downstream(fn=...) explicitly"
-                )
-            eq = eq.bind(_compose([s.h for s in later]))  # type: ignore[misc]
-        equivs.append(eq)
-
-    # ---- which results to compute
-    skipped: list[str] = []
-    want: list[tuple[int, str]] = []
-    for i, st in enumerate(stages):
-        for ax in AXIOMS:
-            if ax not in axioms:
-                continue
-            if ax in ("A1", "A2") and st.h is None:
-                skipped.append(f"{where[i]} {ax}: h is None (opaque stage, no claim on how its state is computed)")
-                continue
-            if ax in ("A3", "A4") and st.gamma is None:
-                skipped.append(f"{where[i]} {ax}: no gamma (concretisation) given")
-                continue
-            want.append((i, ax))
-    for i in range(len(stages)):
-        missing = [ax for ax in ("A3", "A4") if f"{where[i]} {ax}: no gamma (concretisation) given" in skipped]
-        if missing:
-            warnings.warn(f"validate: {where[i]}: no gamma (concretisation) given; {', '.join(missing)} not tested", stacklevel=2)
-    need_prefix = any(ax in ("A1", "A3") for _, ax in want)
-    need_comp = any(ax in ("A2", "A4") for _, ax in want)
-    accs = {key: _Acc(max_counterexamples) for key in want}
-    module_names = sorted({b for b in starts + ends if b not in (INPUT, OUTPUT)})
+    plans = [_Plan(name, it, runner, axioms, max_counterexamples) for name, it in interpretations.items()]
+    for plan in plans:
+        for i, missing in plan.no_gamma:
+            warnings.warn(f"validate: {plan.where[i]}: no gamma (concretisation) given; {', '.join(missing)} not tested",
+                          stacklevel=3)
+    module_names = sorted(set().union(*(p.modules for p in plans)))
+    needs_input = any(p.needs_input for p in plans)
 
     from tqdm.auto import tqdm
 
-    n_total = 0
+    n_total = n_nan = 0
     checked_order = False
     with _EvalMode(model):
         for ids, batch in tqdm(runner.batches(data, batch_size), desc="validate", disable=not progress):
@@ -603,7 +838,8 @@ def validate(
             try:
                 states, y, order = runner.record(batch, module_names)
             except ArgumentError as e:
-                users = [w for i, w in enumerate(where) if str(e).startswith(f"boundary {starts[i]!r}") or str(e).startswith(f"boundary {ends[i]!r}")]
+                users = [w for p in plans for i, w in enumerate(p.where)
+                         if str(e).startswith(f"boundary {p.starts[i]!r}") or str(e).startswith(f"boundary {p.ends[i]!r}")]
                 if not users:
                     raise
                 raise type(e)(f"{' and '.join(users)}: {e}") from None
@@ -616,89 +852,33 @@ def validate(
             if not checked_order:
                 pos = {n: k for k, n in enumerate(order)}
                 pos[INPUT], pos[OUTPUT] = -1, len(order)
-                for i in range(len(stages)):
-                    if pos[starts[i]] >= pos[ends[i]]:
-                        raise ArgumentError(
-                            f"{where[i]}: boundary {ends[i]!r} (end) runs before {starts[i]!r} (start) in the forward "
-                            f"pass; expected start to run first"
-                        )
+                for p in plans:
+                    p.check_order(pos)
                 checked_order = True
             states[OUTPUT] = y
-            if stages[0].h is not None and starts[0] == INPUT:  # alpha0 is used only then
-                x = runner.inputs(batch)
+            x = runner.inputs(batch)
+            if needs_input:
                 if not isinstance(x, torch.Tensor):
                     raise ArgumentError(
                         f"the model input state is a {type(x).__name__}; give inputs=fn(batch) -> Tensor "
                         f"(the state alpha0 abstracts)"
                     )
                 states[INPUT] = x
+            bad = torch.zeros(b, dtype=torch.bool, device=y.device)
+            for t in (x, y):
+                m = _nan_rows(t, b)
+                if m is not None:
+                    bad |= m.to(bad.device)
+            n_nan += int(bad.sum())
             n_total += len(ids)
-
-            prev_c = prev_p = None
-            if stages[0].h is not None:
-                a0 = states[starts[0]] if alpha0 is None else alpha0(states[starts[0]])
-                prev_c = prev_p = _batched(a0, b, f"{where[0]} (alpha0)", "alpha0")
-            for i, st in enumerate(stages):
-                c = _batched(st.alpha(states[ends[i]]), b, where[i], "alpha")
-                if st.h is None:
-                    pref = comp = c
-                else:
-                    comp = _batched(st.h(prev_c), b, where[i], "h") if need_comp else None
-                    if i == 0 and comp is not None:
-                        pref = comp
-                    elif need_prefix:
-                        pref = _batched(st.h(prev_p), b, where[i], "h")
-                    else:
-                        pref = None
-                for ax, ab in (("A1", pref), ("A2", comp)):
-                    if (i, ax) in accs:
-                        try:
-                            eq, dist = _check_eq(equivs[i].compare(c, ab), b)
-                        except SemlensError as e:
-                            raise type(e)(f"{where[i]}, {ax}: {e}") from None
-                        accs[i, ax].add(eq, dist, ids)
-                patches: dict[str, torch.Tensor] = {}
-                for ax, ab in (("A3", pref), ("A4", comp)):
-                    if (i, ax) not in accs:
-                        continue
-                    if ax == "A4" and "A3" in patches and comp is pref:
-                        patches["A4"] = patches["A3"]
-                        continue
-                    s = st.gamma(ab)  # type: ignore[misc]
-                    ref = states[ends[i]]
-                    if not isinstance(s, torch.Tensor) or s.shape != ref.shape:
-                        raise ShapeError(
-                            f"{where[i]}, {ax}: gamma returned {_shape(s)}, expected a concrete state of the "
-                            f"shape of boundary {ends[i]!r}: {tuple(ref.shape)}"
-                        )
-                    patches[ax] = s.to(device=ref.device, dtype=ref.dtype)
-                outs: dict[int, torch.Tensor] = {}
-                for ax, s in patches.items():
-                    if id(s) not in outs:
-                        outs[id(s)] = s if ends[i] == OUTPUT else runner.patched(batch, ends[i], s)
-                    yp = outs[id(s)]
-                    try:
-                        eq, dist = _check_eq(out_eq.compare(y, yp), b)
-                    except SemlensError as e:
-                        raise type(e)(f"{where[i]}, {ax} (output_equiv): {e}") from None
-                    accs[i, ax].add(eq, dist, ids)
-                    if isinstance(out_eq, Argmax) and y.dim() == 2:
-                        accs[i, ax].add_confusion(y, yp, eq)
-                prev_c, prev_p = c, pref
-    results = []
-    for (i, ax), acc in accs.items():
-        results.append(
-            AxiomResult(
-                stage=stages[i].name,
-                stage_index=i,
-                axiom=ax,
-                n=acc.n,
-                successes=acc.ok,
-                confidence=float(confidence),
-                epsilon=1.0 - clopper_pearson_lower(acc.ok, acc.n, float(confidence)),
-                histogram=dict(sorted(acc.hist.items())),
-                counterexamples=acc.cex,
-                confusion=acc.conf,
-            )
+            for p in plans:
+                p.run_batch(states, y, batch, ids, runner, out_eq, bad)
+    if n_total == 0:
+        raise ArgumentError(
+            f"data is empty ({type(data).__name__} with no samples): nothing to validate; an epsilon without samples "
+            f"would be 1.0 and mean nothing"
         )
-    return ValidationResult(results=results, confidence=float(confidence), n=n_total, skipped=skipped)
+    if n_nan:
+        warnings.warn(f"validate: {n_nan} of {n_total} samples have NaN in the model input or output; they count as "
+                      f"failures of every axiom (histogram distance -1)", stacklevel=3)
+    return {p.name: p.result(confidence, n_total) for p in plans}

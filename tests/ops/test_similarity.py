@@ -112,7 +112,7 @@ def cases(draw, max_n=40):
     exclude = None
     if draw(st.booleans()):
         m = draw(st.integers(1, 3))
-        exclude = torch.tensor(draw(st.lists(st.integers(-1, N), min_size=Q * m, max_size=Q * m))).reshape(Q, m)
+        exclude = torch.tensor(draw(st.lists(st.integers(-1, N - 1), min_size=Q * m, max_size=Q * m))).reshape(Q, m)
     return q.to(dtype), x, k, exclude
 
 

@@ -121,3 +121,22 @@ def test_defect_linear_zero_fill_breaks_conservation(dlb_results):
     assert lost > 0.1
     ours = RelevanceEngine(model, dlbacktrace())(x, None, multiplier=100.0).input
     assert abs(ours.sum().item() - out_total) < 1e-3  # conserved
+
+
+def test_compat_refuses_products_it_does_not_reproduce():
+    """dl-backtrace 0.1.24 gives all of ``a @ b`` to ``a`` through its shape aligner; the compat
+    preset says so instead of returning something that differs (no dl-backtrace needed)."""
+    from semlens_fast.relevance import UnsupportedOpError
+
+    class AB(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return (self.a(x) @ self.b(x).transpose(1, 2)).flatten(1)
+
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(UnsupportedOpError, match="first operand"):
+        RelevanceEngine(AB().eval(), dlbacktrace_compat())(x)
+    assert RelevanceEngine(AB().eval(), dlbacktrace())(x).input.shape == x.shape

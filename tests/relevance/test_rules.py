@@ -364,3 +364,28 @@ def test_functional_affine_equals_module_version(make):
     a = RelevanceEngine(m, make())(x).input
     b = RelevanceEngine(m.ref, make())(x).input
     assert rel_err(a, b) < 1e-6 and b.abs().max() > 0
+
+
+def test_fast_block_max_pool_forward_matches_torch_with_nan_and_ties():
+    from semlens_fast.relevance.rules import max_pool2d_blocks
+
+    torch.manual_seed(13)
+    x = torch.randn(2, 3, 7, 9).round()
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 2, 3, 3] = float("-inf")
+    for k in ((2, 2), (3, 3), (2, 3)):
+        ref = F.max_pool2d(x, k)
+        got = max_pool2d_blocks(x, k)
+        assert got.shape == ref.shape
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
+    # an engine using it gives the model's own outputs
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(4 * 3 * 4, 5)).eval()
+    xi = torch.randn(2, 3, 7, 9)
+    assert torch.allclose(RelevanceEngine(m, lrp_zplus())(xi).output, m(xi))
+    # LRP keeps max-pool's one-winner gradient on ties (zennit's behaviour)
+    pool = nn.Sequential(nn.MaxPool2d(2)).eval()
+    xt = torch.ones(1, 1, 2, 2)
+    r = RelevanceEngine(pool, lrp_epsilon())(xt, seed=torch.ones(1, 1, 1, 1)).input
+    assert (r != 0).sum() == 1 and torch.isclose(r.sum(), torch.tensor(1.0))

@@ -25,13 +25,21 @@ _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # 8 queries 106 ms fp32 / 77 ms bf16 storage vs 145 / 107 ms on int16).
 INT16_MIN_QUERIES = 9
 MAX_CANDIDATES = 1 << 14  # beyond this, a query is resolved by an exact scan
+# From this many candidates per query on, the candidate pass buffers each query's
+# candidates and merges them into its sorted list in one pass (one insertion moves up to
+# K entries): see docs/similarity.md ("Large K")
+MERGE_MIN_K = 256
 SCAN_CHUNK = 1 << 16
 
 
 def _unit_queries(q32: torch.Tensor) -> torch.Tensor:
+    """Unit-normalised queries (float64 norm and division, one rounding; zero rows stay 0).
+
+    One float64 temporary (8 bytes per element), divided in place."""
     q64 = q32.double()
     n = q64.norm(dim=1, keepdim=True)
-    return torch.where(n > 0, q64 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(q64)).float().contiguous()
+    q64.div_(torch.where(n > 0, n, torch.ones_like(n)))
+    return q64.float().contiguous()
 
 
 def _db_view(db: torch.Tensor) -> torch.Tensor:
@@ -41,8 +49,10 @@ def _db_view(db: torch.Tensor) -> torch.Tensor:
 
 
 def quantise_queries(qhat: torch.Tensor) -> torch.Tensor:
-    """int16 ``round(q_hat * 2**15)`` clamped to +-32767 (the C++ int16 candidate pass)."""
-    return torch.round(qhat.double() * 32768.0).clamp_(-32767, 32767).to(torch.int16).contiguous()
+    """int16 ``round(q_hat * 2**15)`` clamped to +-32767 (the C++ int16 candidate pass).
+
+    ``|q_hat| <= 1``, so the product is exact in float32 and rounds as in float64."""
+    return (qhat * 32768.0).round_().clamp_(-32767, 32767).to(torch.int16).contiguous()
 
 
 def candidates(qhat: torch.Tensor, db: torch.Tensor, K: int, exclude: torch.Tensor | None):
@@ -64,11 +74,12 @@ def candidates(qhat: torch.Tensor, db: torch.Tensor, K: int, exclude: torch.Tens
         vals.data_ptr(), ids.data_ptr(),
         exclude.data_ptr() if exclude is not None else 0, exclude.shape[1] if exclude is not None else 0,
         bad.data_ptr(), bad.numel(), _backend.num_threads(), q16.data_ptr() if q16 is not None else 0,
+        MERGE_MIN_K,
     )
-    if n_bad:
+    if n_bad:  # rows holding NaN/inf (any finite magnitude is handled by the kernel)
         raise_nonfinite(db, "db", nonfinite_rows(db))
         rows = torch.unique(bad[: min(n_bad, bad.numel())]).tolist()
-        raise ArgumentError(f"db rows {rows[:10]} have a squared norm that overflows float32 (values beyond ~1e19)")
+        raise ArgumentError(f"db rows {rows[:10]} hold NaN or infinite values")
     return vals, ids, (int16_error_bound(d) if q16 is not None else approx_error_bound(d))
 
 
@@ -84,8 +95,39 @@ def rescore(q32: torch.Tensor, db: torch.Tensor, cand: torch.Tensor) -> torch.Te
     return out
 
 
+def query_block(Q: int, d: int, k: int, nthreads: int, work_bytes: int) -> int:
+    """Queries per call of the certified search so that its working memory stays within
+    ``work_bytes`` (at least one query): per query at most 12 d bytes at once (the
+    float64 copy of the unit query with its float32 rounding; later the float32, int16 and
+    padded int16 forms) and ``(96 + 14 nthreads)`` bytes per candidate (the
+    per-thread candidate lists and, at large K, pending buffers of at most K / 8 entries of
+    16 bytes; the rescored scores and the sorts of the selection)."""
+    extra = max(16, k // 4)
+    per_query = 12 * d + (96 + 14 * nthreads) * (k + extra)
+    return max(1, min(Q, work_bytes // per_query))
+
+
 def cosine_topk(queries: torch.Tensor, db: torch.Tensor, k: int, exclude: torch.Tensor | None,
                 extra: int | None = None):
+    """Certified search in blocks of queries (:func:`query_block`): memory beyond the
+    inputs and the ``[Q, k]`` result stays within ``WORK_BYTES`` (see
+    :data:`semlens_fast.ops.similarity.WORK_BYTES`) plus the kernel's per-thread row blocks,
+    whatever Q. Each block reads the database once; the blocks are large enough (thousands
+    of queries at small k) for that to cost little next to their dot products."""
+    from .. import similarity as _sim
+
     db = _db_view(db)
-    return certified_topk(queries, db, k, exclude, candidates, rescore, _unit_queries,
-                          extra=extra, max_candidates=MAX_CANDIDATES, scan_chunk=SCAN_CHUNK)
+    Q, d = queries.shape
+    qb = query_block(Q, d, k, _backend.num_threads(), _sim.WORK_BYTES)
+    if qb >= Q:
+        return certified_topk(queries, db, k, exclude, candidates, rescore, _unit_queries,
+                              extra=extra, max_candidates=MAX_CANDIDATES, scan_chunk=SCAN_CHUNK)
+    out_s = torch.empty((Q, k), dtype=torch.float32)
+    out_i = torch.empty((Q, k), dtype=torch.int64)
+    for q0 in range(0, Q, qb):
+        q1 = min(Q, q0 + qb)
+        ex = exclude[q0:q1] if exclude is not None else None
+        out_s[q0:q1], out_i[q0:q1] = certified_topk(
+            queries[q0:q1], db, k, ex, candidates, rescore, _unit_queries,
+            extra=extra, max_candidates=MAX_CANDIDATES, scan_chunk=SCAN_CHUNK)
+    return out_s, out_i

@@ -12,12 +12,17 @@ from ..topk import TopKState
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _POOL = {"max": 0, "mean": 1, "absmax": 2, "sum": 3}
+# From this k on, the kernel collects each channel's candidates over runs of samples and
+# merges them into the sorted list in one pass instead of one insertion (memmove of up to
+# k entries) per candidate; see docs/ARCHITECTURE.md ("Large k") and benchmarks/figures_harden.py (topk).
+MERGE_MIN_K = 256
 
 
-def pool_topk_update(state: TopKState, x: torch.Tensor, sample_ids: torch.Tensor, pool: str, track_positions: bool) -> bool:
+def pool_topk_update(state: TopKState, x: torch.Tensor, sample_ids: torch.Tensor, pool: str, track_positions: bool) -> int:
     """``x`` is a ``[B, C, S]`` view; copied only when neither channels nor positions are unit-stride.
 
-    Returns False, leaving the state untouched, if a sample id is negative.
+    Returns 0, or (leaving the state untouched) 1 if a sample id is negative, 2 if an id
+    occurs twice in the batch.
     """
     ext = _backend.extension()
     B, C, S = x.shape
@@ -32,7 +37,7 @@ def pool_topk_update(state: TopKState, x: torch.Tensor, sample_ids: torch.Tensor
     return ext.pool_topk_update(
         state.values.data_ptr(), state.ids.data_ptr(), state.positions.data_ptr(), state.nan_counts.data_ptr(),
         C, state.k, x.data_ptr(), _DTYPE[x.dtype], B, S, sb, sc, ss,
-        sample_ids.data_ptr(), _POOL[pool], bool(track_positions), _backend.num_threads(),
+        sample_ids.data_ptr(), _POOL[pool], bool(track_positions), _backend.num_threads(), MERGE_MIN_K,
     )
 
 

@@ -44,8 +44,11 @@ from ..similarity import certified_topk, raise_nonfinite, tensor_core_error_boun
 from . import _launch
 
 MAX_ROWS = 2**32 - 2
-# rows with a float32 squared norm in (0, 2**-60) are outside the error bound's model
-# (underflow): a database holding one is searched by the reference instead
+# rows outside the float32-safe range: a non-zero row whose float32 squared norm is below
+# 2**-60 (it underflows: a row of 1e-30s has a float32 norm of 0) or overflows (values
+# beyond ~1.8e19) is outside the error bound's model; the kernel flags such rows and the
+# search reruns the candidate pass on a copy in which they are scaled by a power of two
+# (see rescale_rows; the exact rescoring still reads the original rows)
 TINY_NORM2 = 2.0**-60
 KPS = (32, 64, 128, 256)  # candidate list lengths compiled (K' rounded up)
 MAX_CANDIDATES = KPS[-1]  # beyond this, a query is resolved by an exact scan (rescoring)
@@ -123,11 +126,13 @@ def _candidates_kernel(
         qd = qb
         acc = tl.zeros([BQ, BN], dtype=tl.float32)
         nx2 = tl.zeros([BN], dtype=tl.float32)
+        amax = tl.zeros([BN], dtype=tl.float32)  # largest |x_i|: tells a zero row from an underflowed one
         for d0 in range(0, D, BD):
             qv = tl.load(qd, boundary_check=(0, 1), padding_option="zero")
             xv = tl.load(xb, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
             xf = xv.to(tl.float32)
             nx2 += tl.sum(xf * xf, axis=1)
+            amax = tl.maximum(amax, tl.max(tl.abs(xf), axis=1))
             if DOT == 0:
                 acc = tl.dot(qv, tl.trans(xf), acc, input_precision="tf32")
             else:  # queries already in the rows' 16-bit format
@@ -135,7 +140,8 @@ def _candidates_kernel(
             qd = tl.advance(qd, (0, BD))
             xb = tl.advance(xb, (0, BD))
         finite = (nx2 == nx2) & (nx2 < float("inf"))
-        tiny = finite & (nx2 > 0) & (nx2 < 8.673617379884035e-19)  # 2**-60: see TINY_NORM2
+        # a non-zero row whose squared norm is below 2**-60 (or underflowed to 0): see TINY_NORM2
+        tiny = finite & (amax > 0) & (nx2 < 8.673617379884035e-19)
         tl.store(bad_ptr + no, tl.where(finite, 2, 1).to(tl.int8), mask=n_ok & (tiny | ~finite))
         inv = tl.where(nx2 > 0, 1.0 / tl.sqrt_rn(tl.where(nx2 > 0, nx2, 1.0)), 0.0)
         s = acc * inv[None, :] + 0.0  # -0.0 -> +0.0, as the keys order +0.0 first
@@ -237,8 +243,30 @@ def grid_splits(Q: int, N: int, sm_count: int, bq: int = 64) -> tuple[int, int]:
     return triton.cdiv(N, rps), rps
 
 
-class _TinyRows(Exception):
-    """The database has a row of tiny but non-zero norm (see TINY_NORM2)."""
+class _UnsafeRows(Exception):
+    """The database has finite rows outside the float32-safe range (see TINY_NORM2)."""
+
+    def __init__(self, rows: torch.Tensor):
+        super().__init__(f"{rows.numel()} row(s) outside the float32-safe range")
+        self.rows = rows
+
+
+def rescale_rows(db: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of ``db`` (its dtype, contiguous) in which each of ``rows`` is multiplied by the
+    power of two that puts its largest ``|x_i|`` in ``[1, 2)``.
+
+    Cosines are scale-invariant and power-of-two scaling is exact for every component that
+    stays a normal number, so the copy's squared norms lie in ``[1, 4 d)`` and the candidate
+    pass's error bound holds; a component far below its row's largest (scaled below the
+    smallest normal) moves by at most ``2**-126`` absolutely, nothing next to the bound's
+    ``(d + 16) 2**-21`` relative to ``|x| >= 1``. Only the candidate pass reads the copy:
+    rescoring reads ``db``."""
+    out = db.contiguous().clone()
+    if rows.numel():
+        sub = db[rows].double()
+        e = torch.frexp(sub.abs().amax(dim=1)).exponent  # amax = m 2^e, m in [0.5, 1)
+        out[rows] = torch.ldexp(sub, (1 - e).unsqueeze(1).double()).to(db.dtype)
+    return out
 
 
 def query_rounding_error(qhat: torch.Tensor, dot: int) -> torch.Tensor:
@@ -305,7 +333,7 @@ def candidates(qhat: torch.Tensor, db: torch.Tensor, K: int, exclude: torch.Tens
             _kernel_for(KP, dot)[lambda meta: (triton.cdiv(Q, meta["BQ"]), splits)](*args, DOT=dot, KP=KP)
     if bool(bad.any()):
         raise_nonfinite(db, "db")
-        raise _TinyRows()
+        raise _UnsafeRows(torch.nonzero(bad).flatten())
     keys = torch.topk(keys.reshape(Q, splits * KP), K, dim=1).values
     empty = keys == -(2**63)
     ids = 4294967295 - (keys & 0xFFFFFFFF)
@@ -341,8 +369,14 @@ def cosine_topk(queries: torch.Tensor, db: torch.Tensor, k: int, exclude: torch.
         try:
             return certified_topk(queries, db, k, exclude, candidates, rescore, _unit_queries,
                                   max_candidates=MAX_CANDIDATES, scan_chunk=SCAN_CHUNK)
-        except _TinyRows:
-            return fallback()
+        except _UnsafeRows as unsafe:  # candidates from a rescaled copy, rescoring from db
+            scaled = rescale_rows(db, unsafe.rows)
+
+            def scaled_candidates(qhat, _db, K, ex):
+                return candidates(qhat, scaled, K, ex)
+
+            return certified_topk(queries, db, k, exclude, scaled_candidates, rescore, _unit_queries,
+                                  max_candidates=MAX_CANDIDATES, scan_chunk=SCAN_CHUNK)
 
     return _launch.run_fn("similarity._candidates_kernel", ("cosine", db.dtype), fallback, run)
 
