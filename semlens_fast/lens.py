@@ -376,7 +376,7 @@ class Lens:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ArgumentError(f"texts[{i}] must be a str, got {type(t).__name__}")
-            if not t.strip():
+            if not t.strip() and null_subtract:  # without null subtraction an empty text is the null prompt itself
                 raise ArgumentError(f"texts[{i}] is empty or whitespace ({t!r}): a text probe needs words (its "
                                     "null-subtracted probe would be a zero vector)")
         fm = self._need_fm("text")
@@ -390,7 +390,8 @@ class Lens:
             empty = fm.encode_texts([t.format("") for t in tpl]).float()
             emb = emb - empty.unsqueeze(0)
         out = emb.mean(1)
-        _check_vectors(out, "the text probe", texts)
+        if null_subtract:
+            _check_vectors(out, "the text probe", texts)
         return out
 
     def embed(self, query: Any, modality: str | None = None, templates: Sequence[str] | None = None) -> torch.Tensor:
