@@ -69,7 +69,7 @@ def _fmt_time(s: float) -> str:
 
 def tables(data: dict) -> list[str]:
     groups: dict[str, list[dict]] = {}
-    for b in data["benchmarks"]:
+    for b in data.get("benchmarks", []):
         groups.setdefault(b.get("group") or b["name"], []).append(b)
     out: list[str] = []
     for group, rows in groups.items():
@@ -132,6 +132,7 @@ def write_markdown() -> Path:
         data = json.loads(js.read_text())
         lines += [f"## {js.stem}", "", f"Command: `{data.get('semlens_command', '')}`", ""]
         lines += data.get("semlens_machine", []) + [""]
+        lines += data.get("semlens_markdown", [])  # suites that measure accuracy, not time (planted.json)
         lines += tables(data)
     notes = HERE / "NOTES.md"
     if notes.exists():

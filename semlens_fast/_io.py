@@ -387,6 +387,21 @@ def hash_tensors(tensors: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor
     return h.hexdigest()
 
 
+def json_safe(obj: Any) -> Any:
+    """A JSON-safe copy: NaN/inf -> None, tuples -> lists, tensors/arrays -> lists, keys -> str."""
+    import math
+
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return json_safe(obj.tolist())
+    return obj
+
+
 def read_consistent(read_manifest: Any, read_files: Any, attempts: int = 20) -> Any:
     """``read_files(read_manifest())``, retried while a writer replaces the files under us.
 

@@ -72,9 +72,9 @@ def _open(args: argparse.Namespace):
     return Run.open(args.run, trust=getattr(args, "trust", False))
 
 
-def _load_image(path: str | Path, what: str) -> Any:
-    """An RGB PIL image from ``path``; missing files exit 3, anything that is not a readable
-    image of at most MAX_IMAGE_PIXELS pixels exits 2."""
+def _load_image(path: str | Path, what: str, alpha: bool = False) -> Any:
+    """An RGB PIL image from ``path`` (RGBA when ``alpha`` and the file has transparency); missing files
+    exit 3, anything that is not a readable image of at most MAX_IMAGE_PIXELS pixels exits 2."""
     import warnings
 
     from PIL import Image
@@ -96,26 +96,11 @@ def _load_image(path: str | Path, what: str) -> Any:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
                 raise CommandError(f"{what} {p} is {w}x{h} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are accepted")
-            return im.convert("RGB")
+            return im.convert("RGBA") if alpha and im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
     except CommandError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise CommandError(f"{what} {p} is not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from None
-
-
-def _probes(run: Any, items: list[str], what: str) -> Any:
-    """``text`` or ``image:PATH`` entries -> texts list, or a {name: embedding} mapping if any image."""
-    if not any(i.startswith("image:") for i in items):
-        return items
-    fm = run.foundation()
-    out = {}
-    for it in items:
-        if it.startswith("image:"):
-            p = Path(it[6:])
-            out[f"image {p.name}"] = fm.encode_images([_load_image(p, f"{what}: image")])[0]
-        else:
-            out[it] = fm.encode_texts([it])[0]
-    return out
 
 
 # ---------------------------------------------------------------------- commands
@@ -208,6 +193,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
                           cache=run.file("cache"), overwrite=True, progress=not args.no_progress,
                           dtype=getattr(torch, args.dtype), **kw)
     run.record("embed", fm=spec, mode=args.mode, layers=list(db.layers), concepts_sha256=concepts_digest(db))
+    if getattr(fm, "image_base", None) is not None and args.mode != "text":
+        # audits with image probes use the vision model's space: the same crops, from the shared cache
+        from .workspace import build_vision_db
+
+        build_vision_db(run, spec, args.mode, list(db.layers), dtype=getattr(torch, args.dtype),
+                        progress=not args.no_progress, **kw)
     rows = [{"layer": n, "components": db[n].channels, "with_examples": int((db[n].n_valid > 0).sum()), "dim": db.dim}
             for n in db.layers]
     from .lens import _table
@@ -352,25 +343,111 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _audit_probe(item: str, what: str) -> tuple[str, str, Any]:
+    """One --valid/--spurious entry, checked before any model is loaded -> (name, kind, spec).
+
+    ``TEXT``; ``image:PATH[+PATH...]`` (a picture, several averaged into one concept; globs allowed);
+    ``paste:PATH[@YxX]`` (the counterfactual probe: the picture pasted at row Y, column X, or at random places)."""
+    import glob
+
+    def paths(spec: str) -> list[Path]:
+        out: list[Path] = []
+        for part in [p for p in spec.split("+") if p]:
+            hits = sorted(glob.glob(part)) if any(ch in part for ch in "*?[") else [part]
+            if not hits:
+                raise CommandError(f"{what}: no image matches {part!r}", EXIT_MISSING)
+            for h in hits:
+                if not Path(h).is_file():
+                    raise CommandError(f"{what}: image {h} does not exist", EXIT_MISSING)
+                out.append(Path(h))
+        if not out:
+            raise CommandError(f"{what}: {item!r} names no image")
+        return out
+
+    def load(p: Path) -> Any:
+        return _load_image(p, f"{what}: image", alpha=True)
+
+    if item.startswith("image:"):
+        ps = paths(item[6:])
+        return (f"image {'+'.join(p.name for p in ps)}", "picture", [load(p).convert("RGB") for p in ps])
+    if item.startswith("paste:"):
+        spec, _, at = item[6:].partition("@")
+        ps = paths(spec)
+        if len(ps) != 1:
+            raise CommandError(f"{what}: paste: takes one picture, got {len(ps)}")
+        pos = None
+        if at:
+            try:
+                y, x = (int(v) for v in at.lower().split("x"))
+            except ValueError:
+                raise CommandError(f"{what}: paste:PATH@YxX needs two ints (row x column), got {at!r}") from None
+            if y < 0 or x < 0:
+                raise CommandError(f"{what}: paste position must be >= 0, got {at!r}")
+            pos = (y, x)
+        return (f"paste {ps[0].name}" + (f"@{pos[0]}x{pos[1]}" if pos else ""), "transform", (load(ps[0]), pos))
+    return (item, "text", item)
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .workspace import compute_relevance, save_audit
+    from .workspace import RELEVANCE_SAMPLES, class_relevance, save_audit
 
     run = _open(args)
     valid, spurious = _list(args.valid), _list(args.spurious)
-    if not valid or not spurious:
-        raise CommandError("audit: give --valid and --spurious concepts (texts, or image:PATH)")
-    kinds = {i.startswith("image:") for i in valid + spurious}
+    if not spurious:
+        raise CommandError("audit: give --spurious: a text, image:PATH[+PATH...] (a picture of the artifact; several "
+                           "are averaged) or paste:PATH[@YxX] (the picture pasted into the data: a counterfactual probe)")
+    if not 0 < args.fdr < 1:
+        raise CommandError(f"--fdr must be in (0, 1), got {args.fdr}")
+    if args.top < 1:
+        raise CommandError(f"--top must be >= 1, got {args.top}")
+    for opt in ("threshold", "margin"):
+        v = getattr(args, opt)
+        if v is not None and not math.isfinite(v):
+            raise CommandError(f"--{opt} must be a finite number, got {v}")
+    classes = run.classes
+    if args.target is not None and (args.target < 0 or (classes and args.target >= len(classes))):
+        rng = f"0..{len(classes) - 1}" if classes else ">= 0"
+        raise CommandError(f"--target must be a class index in {rng}, got {args.target}")
+    vp = [_audit_probe(v, "--valid") for v in valid]
+    sp = [_audit_probe(v, "--spurious") for v in spurious]
+    kinds = {k == "text" for _, k, _ in vp + sp}
     if len(kinds) > 1:
-        raise CommandError("audit: --valid and --spurious mix texts and image:PATH probes; text and image embeddings "
+        raise CommandError("audit: --valid and --spurious mix texts and image probes; text and image embeddings "
                            "are not on a comparable scale (modality gap), so use the same kind on both sides")
-    lens = run.lens()
+    text = kinds == {True}
+    run.require("embed", f"semlens embed --run {run.path} --fm ...")
+    # ---- arguments are valid: load the models
+    lens = run.lens() if text else run.vision_lens()
     layers = _list(args.layers) or lens.layers
-    rel = compute_relevance(run, args.target, layers, progress=not args.no_progress) if args.target is not None else None
-    report = lens.audit(_probes(run, valid, "--valid"), _probes(run, spurious, "--spurious"), relevance=rel,
-                        target=args.target, layers=layers, threshold=args.threshold, margin=args.margin)
+    for n in layers:
+        if n not in lens.layers:
+            raise CommandError(f"--layers: {n!r} is not in the ConceptDB; it holds {lens.layers}")
+    from .intervene import Paste
+
+    def probes(items):
+        out = {}
+        for name, kind, spec in items:
+            out[name] = Paste(spec[0], at=spec[1]) if kind == "transform" else spec
+        return out
+
+    data = run.data()
+    raw = hasattr(data, "images")  # raw images: transforms, the causal check and the data behind the flags
+    model = run.model() if raw else None
+    rel = class_relevance(run, layers, progress=not args.no_progress)
+    report = lens.audit(probes(vp) or None, probes(sp), relevance=rel, target=args.target, layers=layers,
+                        model=model, data=data if raw else None, fdr=args.fdr, top=args.top,
+                        threshold=args.threshold, margin=args.margin, causal=not args.no_causal,
+                        relevance_samples=RELEVANCE_SAMPLES, progress=not args.no_progress)
     save_audit(run, report)
-    _emit(args, {"flagged": report.flagged, "relevance_share": report.relevance_share,
-                 "n_components": len(report.components)}, lambda: str(report))
+    out = report.to_dict()
+    out["n_components"] = len(report.components)
+    if text:
+        fm = getattr(lens, "fm", None)
+        if fm is not None and type(fm).__name__ == "Aligned":
+            out["caveat"] = ("text probes through Aligned: the map knows only the concepts it was fitted on "
+                             f"({', '.join(getattr(fm, 'classes', ())[:12])}); without a trained CLIP the text route "
+                             "cannot be judged")
+    _emit(args, out, lambda: str(report) + (f"\nnote: {out['caveat']}" if "caveat" in out else ""))
     return EXIT_FLAGGED if (args.fail_on_flagged and report.flagged) else EXIT_OK
 
 
@@ -590,13 +667,22 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--vocab", action="append", help="also compare label counts over this vocabulary")
     cp.add_argument("--vocab-file")
 
-    au = add("audit", "flag components aligned with spurious rather than valid concepts, with their relevance", cmd_audit)
-    au.add_argument("--valid", action="append", help="valid concepts: texts or image:PATH, comma-separated")
-    au.add_argument("--spurious", action="append", help="spurious concepts: texts or image:PATH")
-    au.add_argument("--target", type=int, help="class index: add each component's relevance for it (DLBacktrace rules)")
+    au = add("audit", "calibrated audit: the components that encode a suspected artifact (flags under an FDR), the "
+                      "classes that rely on it, and the training data behind it", cmd_audit)
+    au.add_argument("--spurious", action="append",
+                    help="the suspected artifact: paste:PATH[@YxX] (its picture pasted into the data: counterfactual "
+                         "probe and causal check), image:PATH[+PATH...] (a picture; several are averaged) or a text")
+    au.add_argument("--valid", action="append", help="optional concepts the model should use (same forms), reported "
+                                                     "beside the spurious scores")
+    au.add_argument("--target", type=int, help="class index to report relevance shares for (default: every class is "
+                                               "audited and ranked)")
     au.add_argument("--layers", action="append")
-    au.add_argument("--threshold", type=float, default=0.0)
-    au.add_argument("--margin", type=float, default=0.0)
+    au.add_argument("--fdr", type=float, default=0.1, help="false-discovery rate of the flags (default 0.1)")
+    au.add_argument("--top", type=int, default=20, help="samples listed per flagged component (default 20)")
+    au.add_argument("--threshold", type=float, default=None, help="also require this (centred) cosine score")
+    au.add_argument("--margin", type=float, default=None, help="also require the score to beat the best --valid "
+                                                              "concept's by this much")
+    au.add_argument("--no-causal", action="store_true", help="skip the foundation-model-free causal check")
     au.add_argument("--fail-on-flagged", action="store_true", help="exit 5 when components are flagged")
 
     v = add("validate", "test 'the decision at LAYER relies only on components labelled KEEP' (axiom A3 bound), "

