@@ -448,7 +448,9 @@ def _cached(w: Tensor, kind: str, make: Callable[[Tensor], Tensor]) -> Tensor:
         return hit[2]
     out = make(w)
     try:
-        ref = weakref.ref(w, lambda _r, k=key: _CACHE.pop(k, None))
+        # the callback holds the dict itself (module globals may be gone at interpreter exit) and drops
+        # only its own entry (a new tensor may have been cached under the same id meanwhile)
+        ref = weakref.ref(w, lambda r, k=key, c=_CACHE: c.pop(k) if c.get(k, (None,))[0] is r else None)
     except TypeError:  # pragma: no cover - tensors always support weak references
         return out
     _CACHE[key] = (ref, w._version, out)
