@@ -115,6 +115,8 @@ static void check_states(const float* const* v, const int64_t* const* ids, const
     constexpr int NF = 2 * NCHECK + 1;
     for (int j = 0; j < NF; ++j) first[j] = C;
     *overlap_id = -1;
+    *overlap_channels = 0;
+    if (C <= 0 || k <= 0) return;  // nothing to check (and no k-sized scratch for an empty state)
     int64_t n_overlap = 0;
     const int nt = (C * k < (1 << 14)) ? 1 : nthreads;
 #pragma omp parallel num_threads(nt) reduction(+ : n_overlap)

@@ -172,6 +172,17 @@ def stamp_transform(cfg: DemoConfig):
                  at=(cfg.stamp_offset, cfg.stamp_offset))
 
 
+def write_stamp_png(path: Path, cfg: DemoConfig) -> None:
+    """The bare stamp as a PNG (what ``semlens audit --spurious paste:PATH@YxX`` pastes), written atomically."""
+    from PIL import Image
+
+    from ._io import atomic_write
+
+    img = Image.fromarray(torch.full((cfg.stamp_size, cfg.stamp_size), 255, dtype=torch.uint8).numpy())
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
+
+
 def stamp_picture(cfg: DemoConfig) -> torch.Tensor:
     """A picture of the stamp alone (what an auditor who has seen it could draw): the white square on black."""
     pic = torch.zeros(cfg.stamp_size + 4, cfg.stamp_size + 4, dtype=torch.uint8)
@@ -406,6 +417,8 @@ def _run_demo(run: Run, base: Any, test: Any, mask: torch.Tensor, cfg: DemoConfi
         clock.done("report", f"report: {path}")
         findings["times_s"] = clock.times
         run.write_json("findings.json", findings)
+    write_stamp_png(run.path / "stamp.png", cfg)
     say(f"done in {time.perf_counter() - clock.t0:.1f} s; artifacts in {run.path}/ "
-        f"(try: semlens audit --run {run.path} --spurious paste:stamp.png@{cfg.stamp_offset}x{cfg.stamp_offset})")
+        f"(try: semlens audit --run {run.path} --spurious "
+        f"paste:{run.path / 'stamp.png'}@{cfg.stamp_offset}x{cfg.stamp_offset})")
     return findings

@@ -628,7 +628,7 @@ def _db_sha(db: Any) -> str | None:
 # ---------------------------------------------------------------------- removing a run (demo --fresh)
 
 _RUN_FILES = ("run.json", "model.safetensors", "demo_mask.safetensors", "labels.json", "searches.json", "audit.json",
-              "findings.json", "fm/aligned.safetensors")
+              "findings.json", "stamp.png", "fm/aligned.safetensors")
 
 
 def remove_run(path: str | os.PathLike) -> list[str]:

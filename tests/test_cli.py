@@ -133,15 +133,17 @@ def _stamp_png(folder, name="stamp.png", size=5, shift=0):
 
 def test_audit_and_validate(demo, capsys):
     stamp = _stamp_png(demo.parent)
-    white = demo.parent / "white.png"
+    import numpy as np
     from PIL import Image
 
-    Image.fromarray(torch.full((5, 5), 255, dtype=torch.uint8).numpy()).save(white)
+    # the demo writes the bare stamp its closing hint pastes (`--spurious paste:RUN/stamp.png@1x1`)
+    white = demo / "stamp.png"
+    assert np.array_equal(np.asarray(Image.open(white)), np.full((5, 5), 255, dtype=np.uint8))
     code, out, _ = run_cli(capsys, "audit", "--run", demo, "--spurious", f"paste:{white}@1x1", "--target", "6",
                            "--json", "--no-progress")
     assert code == 0
     a = json.loads(out)
-    assert a["n_components"] == 80 and a["probe_kinds"] == {"paste white.png@1x1": "transform"}
+    assert a["n_components"] == 80 and a["probe_kinds"] == {"paste stamp.png@1x1": "transform"}
     assert all(r["q_value"] <= a["fdr"] for r in a["flagged"])
     assert all("relevance" in r and "causal" in r for r in a["flagged"])
     assert a["classes"] and a["method"]["probes"]

@@ -216,6 +216,8 @@ def check_merge_states(a, b, a_name: str = "a", b_name: str = "b", *, use_extens
 
     ext = _backend.extension() if use_extension else None
     C, k = a.values.shape
+    if C == 0 or k == 0:
+        return  # empty states: nothing to check
     if ext is not None and a.values.device.type == "cpu":
         first, sid, n = ext.check_merge_states(
             a.values.data_ptr(), a.ids.data_ptr(), a.positions.data_ptr(), a.nan_counts.data_ptr(),

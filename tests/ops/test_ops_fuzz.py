@@ -371,3 +371,16 @@ def build_and_search(vecs, dtype, chunk, q, k, exclude):
 @given(st.sampled_from(CPU_ISAS or ["scalar"]), index_cases())
 def test_fuzz_index_search(isa, case):
     check(isa, build_and_search, *case)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_channels_with_huge_k(backend, monkeypatch):
+    """Found by the fuzz test in CI: a 0-channel state with k = 1e13 made the reference's argsort size its
+    work by k (an 80 TB allocation). No rows means nothing to order, on every backend."""
+    monkeypatch.setenv("SEMLENS_BACKEND", backend)
+    s = TopKState.empty(0, 10**13)
+    topk_update(s, torch.empty(0, 0), torch.empty(0, dtype=torch.int64))
+    pool_topk_update(s, torch.empty(1, 0), torch.tensor([0]), "sum")
+    other = TopKState.empty(0, 10**13)
+    merge_topk(s, other)
+    assert s.values.shape == (0, 10**13) and s.nan_counts.shape == (0,)

@@ -18,6 +18,8 @@ def select_topk(values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor
 
     Rows must hold no NaN (callers turn NaN candidates into empty slots first).
     """
+    if values.shape[0] == 0:  # no rows: nothing to order (argsort would still size its work by n)
+        return values[:, :k], ids[:, :k], positions[:, :k]
     key = torch.where(ids < 0, torch.full_like(ids, _ID_LAST), ids)
     order = torch.argsort(key, dim=1, stable=True)
     values, ids, positions = values.gather(1, order), ids.gather(1, order), positions.gather(1, order)
