@@ -8,6 +8,7 @@ namespace py = pybind11;
 void register_topk(py::module_& m);
 void register_similarity(py::module_& m);
 void register_sae(py::module_& m);
+void register_maxpool(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "semlens_fast C++ CPU kernels (OpenMP, SIMD level chosen at run time)";
@@ -24,4 +25,5 @@ PYBIND11_MODULE(_C, m) {
     register_topk(m);
     register_similarity(m);
     register_sae(m);
+    register_maxpool(m);
 }

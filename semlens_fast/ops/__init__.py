@@ -12,3 +12,6 @@ __all__ += ["cosine_topk", "pairwise_max", "pairwise_topk"]
 from .sae import SAE_POOLS, sae_topk_update  # noqa: E402
 
 __all__ += ["SAE_POOLS", "sae_topk_update"]
+from .maxpool import maxpool_relevance  # noqa: E402
+
+__all__ += ["maxpool_relevance"]

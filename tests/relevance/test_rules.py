@@ -389,3 +389,35 @@ def test_fast_block_max_pool_forward_matches_torch_with_nan_and_ties():
     xt = torch.ones(1, 1, 2, 2)
     r = RelevanceEngine(pool, lrp_epsilon())(xt, seed=torch.ones(1, 1, 1, 1)).input
     assert (r != 0).sum() == 1 and torch.isclose(r.sum(), torch.tensor(1.0))
+
+
+def test_maxpool_rule_fast_path_equals_unfold_and_fold():
+    """Non-overlapping windows go through ops.maxpool_relevance; the same split computed with
+    unfold / fold (the rule's general path) gives the same, remainder row and column included."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 9, 11).round()  # ties; 9 x 11 leaves a remainder row and column
+    m = nn.Sequential(nn.MaxPool2d(2)).eval()
+    seed = torch.rand_like(m(x))
+    r = RelevanceEngine(m, dlbacktrace())(x, seed=seed).input
+    cols = F.unfold(x[..., :8, :10], 2, stride=2).reshape(2, 3, 4, -1)
+    eq = (cols == F.max_pool2d(x, 2).reshape(2, 3, 1, -1)).float()
+    share = (eq * (seed.reshape(2, 3, 1, -1) / eq.sum(2, keepdim=True).clamp(min=1))).reshape(2, 12, -1)
+    want = F.pad(F.fold(share, (8, 10), 2, stride=2), (0, 1, 0, 1))
+    assert torch.equal(r, want)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2), dict(padding=2, dilation=2), dict(bias=False)])
+@pytest.mark.parametrize("preset", [dlbacktrace, lrp_epsilon])
+def test_thin_conv_path_equals_the_conv_kernels(kw, preset, monkeypatch):
+    """A 1-channel input layer (9 taps) runs its rule products as unfold + matmul and fold; the
+    same rule through the convolution kernels (THIN_CONV_TAPS = 0) agrees to rounding."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 6, 3, **kw), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.ReLU(), nn.Flatten(),
+                      nn.LazyLinear(3)).double().eval()
+    x = torch.randn(3, 1, 13, 12, dtype=torch.float64)
+    m(x)
+    assert rules._thin_conv(m[0], x) and not rules._thin_conv(m[2], m[1](m[0](x)))
+    thin = RelevanceEngine(m, preset())(x).input
+    monkeypatch.setattr(rules, "THIN_CONV_TAPS", 0)
+    plain = RelevanceEngine(m, preset())(x).input
+    assert thin.shape == x.shape and rel_err(thin, plain) < 1e-12

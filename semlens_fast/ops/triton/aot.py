@@ -39,6 +39,7 @@ FAMILIES = [
     "semlens_fast.ops.triton.topk",
     "semlens_fast.ops.triton.similarity",
     "semlens_fast.ops.triton.sae",
+    "semlens_fast.ops.triton.maxpool",
 ]
 ARCHS = (80, 90)
 
