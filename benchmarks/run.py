@@ -132,7 +132,8 @@ def write_markdown() -> Path:
         data = json.loads(js.read_text())
         lines += [f"## {js.stem}", "", f"Command: `{data.get('semlens_command', '')}`", ""]
         lines += data.get("semlens_machine", []) + [""]
-        lines += data.get("semlens_markdown", [])  # suites that measure accuracy, not time (planted.json)
+        extra = data.get("semlens_markdown", [])  # suites that measure accuracy, not time (planted.json)
+        lines += extra + ([""] if extra else [])
         lines += tables(data)
     notes = HERE / "NOTES.md"
     if notes.exists():

@@ -440,6 +440,15 @@ class _Layer:
 
         # ---- string pools: fused kernels
         assert isinstance(pool, str)
+        runs = _prefix_runs(mask, act) if mask is not None and pool in ("max", "absmax") else None
+        if runs is not None:
+            # right padding: the kernel reads each run of samples' valid tokens in place (a strided
+            # view) instead of a masked copy of the whole [B, T, C] output; same values and positions
+            if act.dtype in (torch.float32, torch.float16, torch.bfloat16) and not self.strict_finite:
+                views = [(act[b0:b1, :n], ids[b0:b1]) for b0, b1, n in runs]
+                src = act.abs() if pool == "absmax" else act
+                self._fused(views, pool, lambda: (src.masked_fill(~mask.unsqueeze(2), float("-inf")), ids, "max"))
+                return
         if mask is not None:
             m3 = mask.unsqueeze(2)
             if pool == "mean":
@@ -459,6 +468,14 @@ class _Layer:
         if self.strict_finite and not bool(torch.isfinite(act).all()):
             self._redo(act, pool, ids)
             return
+        self._fused([(act, ids)], pool, lambda: (act, ids, pool))
+
+    def _fused(self, parts: list[tuple[torch.Tensor, torch.Tensor]], pool: str, whole: Callable) -> None:
+        """The fused update of every ``(activations, ids)`` part of one batch, then a cheap check of
+        the state: on an infinite value or a new NaN the state goes back to its snapshot and the
+        batch (``whole()``: its activations, ids and pool, padding masked) takes the exact slow path."""
+        st = self.state
+        assert st is not None
         # Snapshot (into preallocated buffers, one dispatch), fused update, cheap check.
         fields = [st.values, st.ids, st.positions, st.nan_counts]
         if self._snap is None or self._snap[0].device != st.values.device:
@@ -467,7 +484,8 @@ class _Layer:
             self._full = False
         else:
             torch._foreach_copy_(self._snap, fields)
-        pool_topk_update(st, act, ids, pool)
+        for act, ids in parts:
+            pool_topk_update(st, act, ids, pool)
         nan_total = int(st.nan_counts.sum())
         if self._full:
             # a full state is sorted best first: +inf would be in column 0, a real -inf in the last
@@ -477,6 +495,7 @@ class _Layer:
             self._full = bool((st.ids[:, -1] >= 0).all())
         if bad or nan_total != self._nan_total:
             torch._foreach_copy_(fields, self._snap)
+            act, ids, pool = whole()
             self._redo(act, pool, ids)
             nan_total = int(st.nan_counts.sum())
             self._full = bool((st.ids[:, -1] >= 0).all())
@@ -565,6 +584,30 @@ def _shard_batches(dataset: Dataset, data: Any, batch_size: int, rank: int, worl
     bsz = data.batch_size if isinstance(data, DataLoader) and data.batch_size else batch_size
     t = torch.tensor(idx, dtype=torch.int64)
     return list(torch.split(t, bsz)) if len(t) else []
+
+
+#: the in-place reading of right-padded batches (see _prefix_runs) is used when a sample's [T, C]
+#: output has at least this many elements: below, a masked copy costs less than a kernel call per run
+PREFIX_MIN_ELEMENTS = 1 << 16
+
+
+def _prefix_runs(mask: torch.Tensor, act: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """``[(b0, b1, n), ...]``: runs of consecutive samples whose valid tokens are the first ``n``
+    (``n >= 1``), if ``mask`` is a right-padding mask and the outputs are large enough to gain
+    from reading them in place; else None."""
+    B, T = mask.shape
+    if B == 0 or T * act.shape[2] < PREFIX_MIN_ELEMENTS:
+        return None
+    lens = mask.sum(1)
+    if int(lens.min()) < 1 or not bool((mask == (torch.arange(T, device=mask.device) < lens[:, None])).all()):
+        return None
+    runs: list[tuple[int, int, int]] = []
+    for b, n in enumerate(lens.tolist()):
+        if runs and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], b + 1, n)
+        else:
+            runs.append((b, b + 1, n))
+    return runs
 
 
 def _get_mask(batch: Any, spec: str | Callable | None) -> torch.Tensor | None:

@@ -183,3 +183,51 @@ def test_output_of_unexpected_rank_names_the_layer():
     with pytest.raises(ShapeError, match=r"encoder\.layer\.0.*shape \(8,\)"):
         collect(model, ds, "encoder.layer.0", k=2, output=lambda out: _t(out)[:, 0, 0],
                 collate_fn=ds.collate, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("pool", ["max", "absmax"])
+@pytest.mark.parametrize("sort", [False, True])
+def test_right_padding_is_read_in_place_with_the_same_results(pool, sort, monkeypatch):
+    """Right-padded batches: the kernel reads each run of samples' valid tokens in place (no
+    masked copy of [B, T, C]); values, ids, positions and NaN counts equal the masked path's, also
+    when a NaN sends a batch to the exact slow path and when equal lengths form runs."""
+    import semlens_fast.collect as col
+
+    model = tiny_bert()
+    ds = TokenBatches(40, seed=7)
+    if sort:  # sorted lengths: consecutive samples of equal length go in one kernel call
+        ds.seqs.sort(key=len)
+    poison = {"n": 0}
+
+    def hook(m, i, o):  # one NaN in a real token of the first sample of the second batch
+        poison["n"] += 1
+        if poison["n"] == 2:
+            o = o.clone()
+            o[0, 0, 3] = float("nan")
+            return o
+
+    layer = "encoder.layer.1.intermediate"
+    h = dict(model.named_modules())[layer].register_forward_hook(hook)
+    calls = {"runs": 0}
+    real = col._prefix_runs
+
+    def spy(mask, act):
+        r = real(mask, act)
+        calls["runs"] += r is not None
+        return r
+
+    try:
+        monkeypatch.setattr(col, "PREFIX_MIN_ELEMENTS", 1 << 40)
+        want = collect(model, ds, "encoder.layer.*.intermediate", k=6, pool=pool, batch_size=16,
+                       collate_fn=ds.collate, progress=False)
+        poison["n"] = 0
+        monkeypatch.setattr(col, "PREFIX_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(col, "_prefix_runs", spy)
+        got = collect(model, ds, "encoder.layer.*.intermediate", k=6, pool=pool, batch_size=16,
+                      collate_fn=ds.collate, progress=False)
+    finally:
+        h.remove()
+    assert calls["runs"] == 3 * 3  # 3 layers x 3 batches, every one read in place
+    assert int(want[layer].nan_counts.sum()) == 1
+    for n in want.keys():
+        assert got[n].equal(want[n]), n
