@@ -537,7 +537,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError("--max-upload-mb and --max-upload-mpx must be positive")
     ready = (lambda url: print(json.dumps({"url": url, "run": str(args.run), "writable": args.writable}))) if args.json else None
     return serve(args.run, host=args.host, port=args.port, writable=args.writable, compare_with=args.compare_with or [],
-                 limits=limits, access_log=args.access_log, say=(lambda s: None) if args.json else print, on_ready=ready)
+                 limits=limits, access_log=args.access_log, say=(lambda s: None) if args.json else print, on_ready=ready,
+                 trust=args.trust)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -586,8 +586,10 @@ def _shard_batches(dataset: Dataset, data: Any, batch_size: int, rank: int, worl
     return list(torch.split(t, bsz)) if len(t) else []
 
 
-#: the in-place reading of right-padded batches (see _prefix_runs) is used when a sample's [T, C]
-#: output has at least this many elements: below, a masked copy costs less than a kernel call per run
+#: the in-place reading of right-padded batches (see _prefix_runs) is used on the CPU when a sample's
+#: [T, C] output has at least this many elements (a guess, not tuned: below it a masked copy is
+#: cheap next to a kernel call per run). On a GPU the masked copy stays: it costs little there, and
+#: the runs would need a device sync and a launch per run.
 PREFIX_MIN_ELEMENTS = 1 << 16
 
 
@@ -596,7 +598,7 @@ def _prefix_runs(mask: torch.Tensor, act: torch.Tensor) -> list[tuple[int, int, 
     (``n >= 1``), if ``mask`` is a right-padding mask and the outputs are large enough to gain
     from reading them in place; else None."""
     B, T = mask.shape
-    if B == 0 or T * act.shape[2] < PREFIX_MIN_ELEMENTS:
+    if act.device.type != "cpu" or B == 0 or T * act.shape[2] < PREFIX_MIN_ELEMENTS:
         return None
     lens = mask.sum(1)
     if int(lens.min()) < 1 or not bool((mask == (torch.arange(T, device=mask.device) < lens[:, None])).all()):

@@ -346,3 +346,22 @@ def test_record_keeps_stages_written_by_another_process(small_run, tmp_path):
     b.record("audit", flagged=0)
     man = read_json(d / "run.json")
     assert "label" in man["stages"] and "audit" in man["stages"] and "embed" in man["stages"]
+
+
+def test_serve_passes_trust_to_the_runs(small_run, env, monkeypatch):
+    """`semlens serve --trust` lets the explorer call the run's data factory; without it (and no
+    allow-list) opening the run is refused before any factory is imported."""
+    pytest.importorskip("fastapi")
+    from semlens_fast.serve import server
+    from semlens_fast.serve.explorer import Explorer
+
+    _marks(env)
+    with pytest.raises(UntrustedCodeError):
+        Explorer.open(small_run)
+    assert _marks(env) == []
+    ex = Explorer.open(small_run, trust=True, compare_with=[small_run])
+    assert ex.sample_png(0)[:8] == b"\x89PNG\r\n\x1a\n" and _marks(env) == ["data"]
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda run, **kw: seen.update(kw) or 0)
+    assert cli.main(["serve", "--run", str(small_run), "--trust"]) == 0 and seen["trust"] is True
+    assert cli.main(["serve", "--run", str(small_run)]) == 0 and seen["trust"] is False

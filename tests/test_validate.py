@@ -533,3 +533,14 @@ def test_validate_many_shares_the_cached_pass():
         validate_many(model, {"ok": toy_stages(), "bad": st}, X, progress=False)
     with pytest.raises(ArgumentError, match="non-empty mapping"):
         validate_many(model, {}, X)
+
+
+@pytest.mark.parametrize("device, words", [("gpu", "is not a device"), ("", "is not a device"),
+                                           ("meta", "meta tensors hold no data"), (3.5, "device string"),
+                                           pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+                                               torch.cuda.is_available(), reason="this machine has CUDA"))])
+def test_bad_devices_are_library_errors(device, words):
+    from semlens_fast.errors import DeviceError
+
+    with pytest.raises(DeviceError, match=words):
+        validate(Toy(), toy_stages(), X, device=device, progress=False)

@@ -191,20 +191,22 @@ class Explorer:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | Path, *, writable: bool = False, compare_with: Sequence[str | Path] = (),
-             limits: Limits | None = None) -> "Explorer":
+             limits: Limits | None = None, trust: bool = False) -> "Explorer":
         """Open ``path`` and check everything the explorer will read.
 
         Raises what the CLI maps to exit codes: :class:`~semlens_fast.workspace.MissingArtifactError`
         (3) for a folder that is not a run or lacks the ConceptDB, :class:`~semlens_fast.errors.StoreError`
         / :class:`~semlens_fast.workspace.RunMismatchError` (4) for damaged artifacts or artifacts of
         another run, :class:`~semlens_fast.errors.ArgumentError` (2) for bad arguments.
+        ``trust=True`` lets the runs call the ``package.module:function`` factories their manifests
+        name (``--trust``; otherwise only the user's allow-list, see the README).
         """
         from ..workspace import Run
 
-        run = Run.open(path)
+        run = Run.open(path, trust=trust)
         others = {}
         for p in compare_with:
-            o = Run.open(p)
+            o = Run.open(p, trust=trust)
             odb, db = o.concept_db(), run.concept_db()  # checked against their stores
             if odb.foundation.get("fingerprint") != db.foundation.get("fingerprint"):
                 raise ArgumentError(f"--compare-with {o.path}: its ConceptDB was embedded by "

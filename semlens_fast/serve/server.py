@@ -55,7 +55,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8765, writable: bool = False,
           compare_with: Sequence[str | Path] = (), limits: Limits | None = None, allowed_hosts: list[str] | None = None,
           access_log: bool = False, say: Callable[[str], None] = print,
-          on_ready: Callable[[str], None] | None = None) -> int:
+          on_ready: Callable[[str], None] | None = None, trust: bool = False) -> int:
     """Serve ``run`` until interrupted (Ctrl-C or SIGTERM: graceful shutdown, returns 0).
 
     The run is opened and checked before the port is bound, so a damaged run raises (and the CLI
@@ -71,7 +71,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8765, writabl
 
         raise MissingArtifactError(f"`semlens serve` needs the serve extra ({exc.name} is missing): "
                                    "pip install 'semlens-fast[serve]'") from None
-    ex = Explorer.open(run, writable=writable, compare_with=compare_with, limits=limits)
+    ex = Explorer.open(run, writable=writable, compare_with=compare_with, limits=limits, trust=trust)
     if allowed_hosts is None:
         allowed_hosts = list(LOOPBACK) if is_loopback(host) else ["*"]
     if not is_loopback(host):

@@ -234,7 +234,9 @@ class _Runner:
         if device is None:
             p = next(iter(model.parameters()), None)
             device = p.device if p is not None else torch.device("cpu")
-        self.device = torch.device(device)
+        from ..collect import check_device
+
+        self.device = check_device(device, "device")  # a DeviceError naming what is wrong
         self.modules = dict(model.named_modules())
 
     # -- names

@@ -184,3 +184,12 @@ def test_meta_tensors_get_shapes_and_compile_traces_it():
     f = torch.compile(lambda a, b: maxpool_relevance(a, b, 2) * 2, fullgraph=True, backend="eager")
     x, R = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)
     assert torch.equal(f(x, R), maxpool_relevance(x, R, 2) * 2)
+
+
+def test_opcheck_and_inductor():
+    x = torch.randint(-2, 3, (2, 3, 6, 7)).float()
+    R = torch.randn(2, 3, 3, 3)
+    torch.library.opcheck(torch.ops.semlens.maxpool_relevance, (x, R, 2, 2))
+    torch.library.opcheck(torch.ops.semlens.maxpool_relevance, (x.double(), R.double(), 3, 1))
+    f = torch.compile(lambda a, b: maxpool_relevance(a, b, 2).sum(1), fullgraph=True)
+    assert torch.equal(f(x, R), maxpool_relevance(x, R, 2).sum(1))
