@@ -335,25 +335,43 @@ def write_sealed_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
     write_json(path, {**body, SEAL_KEY: json_digest(body)})
 
 
-def check_sealed_json(obj: Any, path: str | os.PathLike) -> Any:
-    """``obj`` (as read from ``path``) after checking its ``content_sha256``, which is removed;
-    objects without one (older files) pass unchanged."""
+def check_sealed_json(obj: Any, path: str | os.PathLike, *, required: bool = False) -> Any:
+    """``obj`` (as read from ``path``) after checking its ``content_sha256``, which is removed.
+    An object without one raises StoreError if ``required``, else passes unchanged."""
     if isinstance(obj, dict) and SEAL_KEY in obj:
         body = {k: v for k, v in obj.items() if k != SEAL_KEY}
         if json_digest(body) != obj[SEAL_KEY]:
             raise StoreError(f"{path} does not match the content hash it was written with (damaged or edited)")
         return body
+    if required:
+        raise StoreError(f"{path} carries no content hash (damaged, or written by other software)")
     return obj
 
 
-def write_sealed_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
-    """:func:`write_tensors` with the tensors' own hash in the file's metadata (see :func:`read_sealed_tensors`)."""
-    return write_tensors(path, tensors, metadata={SEAL_KEY: hash_tensors(tensors)})
+IDENTITY_KEY = "semlens_identity"
 
 
-def read_sealed_tensors(path: str | os.PathLike, *, required: bool = False) -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`write_sealed_tensors` and check the tensors against the hash
-    in its metadata (files without one pass unless ``required``). A mismatch raises StoreError."""
+def _tensor_seal(tensors: dict[str, torch.Tensor] | list[tuple[str, torch.Tensor]], identity: str | None) -> str:
+    h = hash_tensors(tensors)
+    return h if identity is None else json_digest({"identity": identity, "tensors": h})
+
+
+def write_sealed_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *,
+                         identity: str | None = None) -> str:
+    """:func:`write_tensors` with the tensors' own hash in the file's metadata (see
+    :func:`read_sealed_tensors`). ``identity`` (e.g. ``"relevance:class6"``) is sealed with them, so
+    the file cannot stand in for another one of the same layout."""
+    meta = {SEAL_KEY: _tensor_seal(tensors, identity)}
+    if identity is not None:
+        meta[IDENTITY_KEY] = identity
+    return write_tensors(path, tensors, metadata=meta)
+
+
+def read_sealed_tensors(path: str | os.PathLike, *, required: bool = False,
+                        identity: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`write_sealed_tensors` and check the tensors (and ``identity``,
+    when given) against the hash in its metadata. A mismatch raises StoreError; so does a file
+    without a hash if ``required`` or if an ``identity`` is expected."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -365,10 +383,13 @@ def read_sealed_tensors(path: str | os.PathLike, *, required: bool = False) -> d
         raise _tensor_error(path, exc) from None
     want = meta.get(SEAL_KEY)
     if want is None:
-        if required:
-            raise StoreError(f"tensor file {path} carries no content hash")
+        if required or identity is not None:
+            raise StoreError(f"tensor file {path} carries no content hash (damaged, or written by other software)")
         return out
-    if hash_tensors(out) != want:
+    if identity is not None and meta.get(IDENTITY_KEY) != identity:
+        raise StoreError(f"tensor file {path} is sealed as {meta.get(IDENTITY_KEY)!r}, not {identity!r} "
+                         "(another file put in its place)")
+    if _tensor_seal(out, meta.get(IDENTITY_KEY)) != want:
         raise StoreError(f"tensor file {path} does not match the content hash it was written with (damaged or replaced)")
     return out
 

@@ -35,7 +35,9 @@ regular files inside the run folder (no ``..``, no symlink out of it).
 **Integrity.** Every artifact read back is checked against a SHA-256 taken when it was
 written (in its own manifest; weights, the mask and relevance carry the hash of their
 tensors in their safetensors metadata, the JSON artifacts in a ``content_sha256`` key, so
-the check is as atomic as the file); a mismatch raises :class:`RunMismatchError` (exit 4). Writers hold the run's
+the check is as atomic as the file; a relevance file's hash also covers its class, so one class's
+file cannot stand in for another's); a mismatch, or a file without its hash, raises
+:class:`RunMismatchError` (exit 4). Writers hold the run's
 advisory lock (:meth:`Run.writing`); ``run.json`` updates re-read it under the lock, so two
 commands never lose each other's records.
 """
@@ -379,7 +381,7 @@ class Run:
         if not f.exists():
             return None
         try:
-            return check_sealed_json(read_json(f), f)
+            return check_sealed_json(read_json(f), f, required=True)
         except StoreError as exc:
             raise RunMismatchError(f"{exc}; run the command that writes it again") from None
 
@@ -393,7 +395,7 @@ class Run:
         if not f.exists():
             raise MissingArtifactError(f"{what} {f} is missing; run `semlens demo --run {self.path}` again")
         try:
-            return read_sealed_tensors(f)
+            return read_sealed_tensors(f, required=True)
         except StoreError as exc:
             raise RunMismatchError(f"{what}: {exc}; run `semlens demo --run {self.path}` again") from None
 
@@ -509,9 +511,10 @@ class Run:
                     "in Python); use --fm vision or openclip:... otherwise")
             self.inside("fm/aligned.safetensors", "fitted foundation model")
             want = (self.stage("foundation") or {}).get("sha256")
-            if want is not None and file_sha256(mp) != want:
-                raise RunMismatchError(f"{mp} does not match the SHA-256 recorded when the demo fitted it (damaged or "
-                                       f"replaced); run `semlens demo --run {self.path}` again")
+            if want is None or file_sha256(mp) != want:
+                why = "has no SHA-256 recorded in run.json" if want is None else \
+                    "does not match the SHA-256 recorded when the demo fitted it"
+                raise RunMismatchError(f"{mp} {why} (damaged or replaced); run `semlens demo --run {self.path}` again")
             vis = self.foundation(spec.get("vision", {"kind": "packaged-vision", "image_size": 64}))
             txt = self.foundation(spec.get("text", {"kind": "minilm"}))
             fm = F.Aligned.load(mp, vis, txt)
@@ -593,7 +596,7 @@ class Run:
             return None  # computed for other weights: recompute
         self.inside(f"relevance/class{int(target)}.safetensors", "relevance")
         try:
-            out = read_sealed_tensors(f)
+            out = read_sealed_tensors(f, identity=f"relevance:class{int(target)}")
         except StoreError as exc:
             raise RunMismatchError(f"{exc}; delete it to recompute it") from None
         for n, v in out.items():
@@ -760,7 +763,8 @@ def compute_relevance(run: Run, target: int, layers: list[str], max_samples: int
     prev.update(out)
     (run.path / "relevance").mkdir(exist_ok=True)
     with run.writing(timeout=30.0):
-        write_sealed_tensors(run.path / "relevance" / f"class{int(target)}.safetensors", prev)
+        write_sealed_tensors(run.path / "relevance" / f"class{int(target)}.safetensors", prev,
+                             identity=f"relevance:class{int(target)}")
         run.record(f"relevance:{int(target)}", model=run.store().fingerprints.get("model"), samples=len(idx),
                    max_samples=max_samples, layers=sorted(prev), rules="dlbacktrace")
     return out

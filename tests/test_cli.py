@@ -376,3 +376,30 @@ def test_bench_plumbing(capsys):
     capsys.readouterr()
     assert code == cli.EXIT_ERROR
     assert (md.read_bytes() if md.exists() else None) == before
+
+
+def test_relevance_of_another_class_or_without_its_hash_exits_4(demo, capsys, tmp_path):
+    """The relevance cache is sealed with its class: class 6's file put in place of class 3's (with a
+    matching record) is refused, and so is a file rewritten without its hash (exit 4, not used)."""
+    from semlens_fast._io import read_tensors, write_tensors
+    from semlens_fast.workspace import Run
+
+    run = tmp_path / "copy"
+    shutil.copytree(demo, run, ignore=shutil.ignore_patterns(".lock"))
+    code, _, _ = run_cli(capsys, "describe", "--run", run, "--layer", "conv2", "--target", "6", "--json", "--no-progress")
+    assert code == 0
+    rel = run / "relevance"
+    r = Run.open(run)
+    shutil.copy(rel / "class6.safetensors", rel / "class3.safetensors")
+    r.record("relevance:3", **r.stage("relevance:6"))
+    code, _, err = run_cli(capsys, "describe", "--run", run, "--layer", "conv2", "--target", "3", "--no-progress")
+    assert code == cli.EXIT_MISMATCH and "not 'relevance:class3'" in err, err
+    write_tensors(rel / "class6.safetensors", read_tensors(rel / "class6.safetensors"))  # same tensors, no hash
+    code, _, err = run_cli(capsys, "describe", "--run", run, "--layer", "conv2", "--target", "6", "--no-progress")
+    assert code == cli.EXIT_MISMATCH and "no content hash" in err, err
+    # a JSON artifact without its hash is refused as well
+    labels = json.loads((run / "labels.json").read_text())
+    labels.pop("content_sha256")
+    (run / "labels.json").write_text(json.dumps(labels))
+    code, _, err = run_cli(capsys, "describe", "--run", run, "--layer", "conv2", "--no-progress")
+    assert code == cli.EXIT_MISMATCH and "no content hash" in err, err

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from semlens_fast import cli
-from semlens_fast._io import read_json, write_json, write_sealed_tensors
+from semlens_fast._io import read_json, write_json, write_sealed_json, write_sealed_tensors
 from semlens_fast.workspace import Run, RunMismatchError, UntrustedCodeError, remove_run
 
 FACTORIES = textwrap.dedent("""
@@ -284,7 +284,8 @@ def test_damaged_artifacts_exit_4(small_run, capsys, tmp_path):
         "run.json nesting bomb": lambda d: (d / "run.json").write_text("[" * 100000 + "]" * 100000),
         "run.json -> /dev/zero": lambda d: ((d / "run.json").unlink(), os.symlink("/dev/zero", d / "run.json")),
         "damaged run.json fields": lambda d: write_json(d / "run.json", {**read_json(d / "run.json"), "stages": []}),
-        "labels.json missing keys": lambda d: write_json(d / "labels.json", {"run_id": rid, "records": [{"layer": "conv1"}]}),
+        "labels.json missing keys": lambda d: write_sealed_json(d / "labels.json", {"run_id": rid, "records": [{"layer": "conv1"}]}),
+        "labels.json without its hash": lambda d: write_json(d / "labels.json", {"run_id": rid, "vocabulary": [], "records": []}),
         "labels.json edited": lambda d: (
             Run.open(d).write_json("labels.json", {"run_id": rid, "vocabulary": ["a", "b"], "records": [
                 {"layer": "conv1", "component": 0, "label": "a", "score": 0.5}]}),
@@ -302,7 +303,7 @@ def test_damaged_artifacts_exit_4(small_run, capsys, tmp_path):
 
 def test_label_needs_a_text_model_and_labels_of_another_run_exit_4(small_run, capsys, tmp_path):
     d = _copy(small_run, tmp_path)
-    write_json(d / "labels.json", {"run_id": "c" * 32, "vocabulary": ["a"], "records": []})
+    write_sealed_json(d / "labels.json", {"run_id": "c" * 32, "vocabulary": ["a"], "records": []})
     code, _, err = run_cli(capsys, "validate", "--run", d, "--layer", "conv1", "--keep", "a", "--trust")
     assert code == cli.EXIT_MISMATCH and "another run" in err
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from semlens_fast import cli  # noqa: E402
-from semlens_fast._io import read_json, write_json  # noqa: E402
+from semlens_fast._io import read_json, write_json, write_sealed_json  # noqa: E402
 from semlens_fast.serve import Explorer, Limits, build  # noqa: E402
 from semlens_fast.workspace import Run  # noqa: E402
 from tests.serve_helpers import copy_run, digits_run, tree_state  # noqa: E402
@@ -48,7 +48,7 @@ def writable(run_dir, tmp_path_factory):
     d = copy_run(run_dir, tmp_path_factory.mktemp("serve-rw") / "run")
     labels = read_json(d / "labels.json")
     labels["records"][0]["label"] = EVIL
-    write_json(d / "labels.json", labels)
+    write_sealed_json(d / "labels.json", labels)
     ex = Explorer.open(d, writable=True)
     return d, ex, TestClient(build(ex, allowed_hosts=["testserver"]))
 
@@ -440,7 +440,7 @@ def test_refuses_damaged_runs_with_the_cli_exit_codes(run_dir, tmp_path, capsys)
     other = copy_run(run_dir, tmp_path / "other-labels")
     lab = read_json(other / "labels.json")
     lab["run_id"] = "0" * 32
-    write_json(other / "labels.json", lab)
+    write_sealed_json(other / "labels.json", lab)
     code, err = serve_code(capsys, "--run", other)
     assert code == 4 and "labels.json belongs to another run" in err
     db = copy_run(run_dir, tmp_path / "other-store")
