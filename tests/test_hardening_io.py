@@ -278,3 +278,29 @@ def test_ensure_dir_and_check_writable_name_the_problem(tmp_path):
         ro.mkdir(mode=0o500)
         with pytest.raises(ArgumentError, match="not writable"):
             _io.check_writable(ro / "x", "store")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_stores_databases_and_the_report_follow_the_umask(tmp_path, mask):
+    """21.8 beyond the single files: the top-k store, the ConceptDB and the report folder (every
+    file and folder they write) get the umask's permissions, not mkstemp's 0600 / 0700."""
+    from semlens_fast.concepts import build_concept_db
+    from semlens_fast.report.html import write_report
+    from tests.test_concepts_shared import TinyImageFM, make_store
+    from tests.test_report import make_data
+
+    old = os.umask(mask)
+    try:
+        store = make_store([[0, 1, 2], [3, 4, -1]], layer="a")
+        store.save(tmp_path / "topk")
+        x = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        build_concept_db(store, TinyImageFM(), x, path=tmp_path / "db", progress=False)
+        write_report(tmp_path / "report", make_data())
+    finally:
+        os.umask(old)
+    files, dirs = 0o666 & ~mask, 0o777 & ~mask
+    for top in ("topk", "db", "report"):
+        seen = [tmp_path / top, *(tmp_path / top).rglob("*")]
+        assert len(seen) > 2, top
+        for p in seen:
+            assert _mode(p) == (dirs if p.is_dir() else files), (p, oct(_mode(p)))
