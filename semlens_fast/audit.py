@@ -748,6 +748,16 @@ def _named(probes: Any, what: str, required: bool) -> dict[str, Any]:
     return out
 
 
+def _as_numbers(v: Any, what: str) -> torch.Tensor:
+    """``v`` as a tensor, or an ArgumentError naming ``what`` (strings, None, ragged lists ...)."""
+    if isinstance(v, torch.Tensor):
+        return v
+    try:
+        return torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentError(f"{what} must be a tensor (or nested lists of numbers), got {type(v).__name__}") from None
+
+
 def _check_target(target: Any, n_classes: int | None) -> int | None:
     if target is None:
         return None
@@ -817,7 +827,7 @@ def run_audit(lens: Any, valid: Any, spurious: Any, relevance: Any = None, targe
     if model is not None and src is None:
         raise ArgumentError("model= needs data= too (the samples to intervene on and to compute relevance over)")
     if images is not None:
-        raw = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+        raw = _as_numbers(images, "images")
         if raw.dim() not in (3, 4):
             raise ShapeError(f"images must be raw images [N, H, W] or [N, C, H, W], got {tuple(raw.shape)}")
     else:
@@ -826,10 +836,10 @@ def run_audit(lens: Any, valid: Any, spurious: Any, relevance: Any = None, targe
     if src is not None:
         n_classes = src.n_classes
     elif isinstance(relevance, Mapping) and relevance:
-        r0 = torch.as_tensor(next(iter(relevance.values())))
+        r0 = _as_numbers(next(iter(relevance.values())), "relevance")
         n_classes = int(r0.shape[0]) if r0.dim() == 2 else None
     elif relevance is not None:
-        r0 = torch.as_tensor(relevance)
+        r0 = _as_numbers(relevance, "relevance")
         n_classes = int(r0.shape[0]) if r0.dim() == 2 else None
     target = _check_target(target, n_classes)
     kinds = {k: probe_kind(v) for k, v in {**sp, **va}.items()}

@@ -35,7 +35,7 @@ import torch
 from . import scores as _scores
 from .audit import AuditReport
 from .audit import run_audit as _run_audit
-from .errors import ArgumentError, ShapeError
+from .errors import ArgumentError, SemlensError, ShapeError
 from .ops import cosine_topk, pairwise_max
 
 __all__ = ["Lens", "SearchResult", "LabelResult", "CompareResult", "AuditReport", "LayerSummary", "DEFAULT_TEMPLATES",
@@ -321,12 +321,17 @@ class Lens:
     def _resolve_layers(self, layers: str | Sequence[str] | None, arg: str = "layers") -> list[str]:
         if layers is None:
             return self.layers
+        if not isinstance(layers, (str, Sequence)) or any(not isinstance(n, str) for n in
+                                                            ([layers] if isinstance(layers, str) else layers)):
+            raise ArgumentError(f"{arg} must be a layer name, a list of layer names or None, got {layers!r}")
         names = [layers] if isinstance(layers, str) else list(layers)
         if not names:
             raise ArgumentError(f"{arg} is empty; give layer names from {self.layers} or None for all")
         for n in names:
             if n not in self._layers:
                 raise ArgumentError(f"{arg}: layer {n!r} is not in the ConceptDB; it holds {self.layers}")
+        if len(set(names)) != len(names):
+            raise ArgumentError(f"{arg} names a layer twice: {names}")
         return names
 
     def _layer(self, layer: str) -> _Layer:
@@ -370,6 +375,8 @@ class Lens:
     def embed_texts(self, texts: str | Sequence[str], templates: Sequence[str] | None = None,
                     null_subtract: bool = True) -> torch.Tensor:
         """Text probes ``[Q, d]`` (see the module docstring); ``templates=()`` embeds the raw texts."""
+        if not isinstance(texts, (str, Sequence)):
+            raise ArgumentError(f"a text query / vocabulary must be a str or a list of str, got {type(texts).__name__}")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ArgumentError("the text query / vocabulary is empty; give at least one string")
@@ -417,7 +424,13 @@ class Lens:
         if modality == "text":
             return self.embed_texts(query, templates)
         if modality == "embedding":
-            q = torch.as_tensor(query)
+            try:
+                q = torch.as_tensor(query)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ArgumentError(f"embedding queries must be numbers, [Q, {self.dim}] or [{self.dim}]; got "
+                                    f"{type(query).__name__} ({str(exc).splitlines()[0][:80]})") from None
+            if not (q.is_floating_point() or q.dtype in (torch.int32, torch.int64)):
+                raise ArgumentError(f"embedding queries must be numbers, [Q, {self.dim}] or [{self.dim}]; got dtype {q.dtype}")
             if q.dim() == 1:
                 q = q[None]
             if q.dim() != 2 or q.shape[1] != self.dim:
@@ -428,7 +441,16 @@ class Lens:
             _check_vectors(q, "the embedding query")
             return q
         fm = self._need_fm("image")
-        q = fm.encode_images(query).float()
+        if query is None or isinstance(query, (bool, int, float)):
+            raise ArgumentError(f"the query must be a text, an image or an embedding, got {query!r}")
+        try:
+            q = fm.encode_images(query).float()
+        except SemlensError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as exc:  # what the encoder could not take: name the argument
+            raise ArgumentError(f"the image query could not be encoded by {getattr(fm, 'name', fm)!r} "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); give images (a PIL image, "
+                                f"a [3, H, W] / [B, 3, H, W] tensor), texts or [Q, {self.dim}] embeddings") from None
         if q.shape[0] == 0:
             raise ArgumentError("the query is empty (0 images)")
         _check_vectors(q, "the image query")
@@ -696,7 +718,11 @@ class Lens:
             if layer not in r:
                 raise ArgumentError(f"relevance has no entry for layer {layer!r}; it has {list(r)}")
             r = r[layer]
-        r = torch.as_tensor(r).detach().float().cpu()
+        try:
+            r = torch.as_tensor(r).detach().float().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentError(f"relevance of layer {layer!r} must be numbers ([C={C}] or [n_classes, {C}]), got "
+                                f"{type(r).__name__}") from None
         if r.dim() == 2:
             if target is None:
                 raise ArgumentError(f"relevance of layer {layer!r} is [n_classes, C] = {tuple(r.shape)}; give target= the class index")
