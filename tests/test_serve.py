@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 
 from semlens_fast import cli  # noqa: E402
 from semlens_fast._io import read_json, write_json, write_sealed_json  # noqa: E402
+from semlens_fast.errors import SemlensError  # noqa: E402
 from semlens_fast.serve import Explorer, Limits, build  # noqa: E402
 from semlens_fast.workspace import Run  # noqa: E402
 from tests.serve_helpers import copy_run, digits_run, tree_state  # noqa: E402
@@ -478,3 +479,57 @@ def test_serve_help(capsys):
         cli.main(["serve", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--writable" in out and "--port" in out and "127.0.0.1" in out
+
+
+def test_compare_with_another_run_over_http_and_its_page(run_dir, tmp_path):
+    """--compare-with: the other run is compared through the JSON API and the Compare page (a copy
+    covers itself); a run embedded by another foundation model is refused before serving."""
+    other = copy_run(run_dir, tmp_path / "other")
+    ex = Explorer.open(run_dir, compare_with=[other])
+    client = TestClient(build(ex, allowed_hosts=["testserver"]))
+    r = client.get("/api/v1/compare", params={"other": "other", "layers": "conv3", "other_layers": "conv3",
+                                              "threshold": 0.99})
+    assert r.status_code == 200, r.text
+    c = r.json()
+    assert c["coverage_a"] == pytest.approx(1.0) and c["coverage_b"] == pytest.approx(1.0)
+    assert all(m["match_component"] == m["component"] for m in c["a_match"])
+    page = client.get("/compare", params={"other": "other", "layers": "conv3", "other_layers": "conv3"})
+    assert page.status_code == 200 and "other" in page.text
+    assert client.get("/api/v1/compare", params={"other": "nope"}).status_code in (400, 404, 422)
+    foreign = copy_run(run_dir, tmp_path / "foreign")
+    man = read_json(foreign / "concepts" / "manifest.json")
+    man["meta"]["foundation"]["fingerprint"] = "0" * 64
+    write_json(foreign / "concepts" / "manifest.json", man)
+    with pytest.raises(SemlensError, match="one embedding space"):
+        Explorer.open(run_dir, compare_with=[foreign])
+
+
+def test_a_non_loopback_host_warns_and_accepts_any_host_header(run_dir, monkeypatch, caplog):
+    """--host 0.0.0.0: a warning that the API is reachable without authentication, and the
+    host-header check opened (loopback keeps it closed); checked without binding the port."""
+    from semlens_fast.serve import app as app_module
+    from semlens_fast.serve import server
+
+    seen = {}
+    real_bind = server.bind
+
+    class Stop(Exception):
+        pass
+
+    def fake_bind(host, port):  # a loopback socket instead: nothing is exposed by the test
+        seen["bind"] = host
+        return real_bind("127.0.0.1", 0)
+
+    def fake_build(ex, allowed_hosts):
+        seen["hosts"] = allowed_hosts
+        raise Stop
+
+    monkeypatch.setattr(server, "bind", fake_bind)
+    monkeypatch.setattr(app_module, "build", fake_build)
+    for host, hosts, warned in (("0.0.0.0", ["*"], True), ("127.0.0.1", None, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"), pytest.raises(Stop):
+            server.serve(run_dir, host=host, port=0)
+        assert seen["bind"] == host and ("no authentication" in caplog.text) == warned
+        assert (seen["hosts"] == hosts) if hosts else ("*" not in seen["hosts"])
+    assert server.is_loopback("127.0.0.1") and server.is_loopback("::1") and not server.is_loopback("0.0.0.0")

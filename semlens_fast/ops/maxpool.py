@@ -67,6 +67,12 @@ def maxpool_relevance(x: torch.Tensor, R: torch.Tensor, kernel_size: int | tuple
 # kernel below; opaque to torch.compile, with shapes for fake and meta tensors
 @torch.library.custom_op("semlens::maxpool_relevance", mutates_args=())
 def _maxpool_relevance_op(x: torch.Tensor, R: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    # the kernels index R by x's shape: checked here too, so that a direct call of the registered op
+    # can never read past R
+    if x.dim() != 4 or kh < 1 or kw < 1 or tuple(R.shape) != (x.shape[0], x.shape[1], x.shape[2] // kh, x.shape[3] // kw) \
+            or R.dtype != x.dtype or x.dtype not in POOL_DTYPES:
+        raise ShapeError(f"semlens::maxpool_relevance: x {list(x.shape)} {x.dtype}, R {list(R.shape)} {R.dtype} and "
+                         f"window ({kh}, {kw}) do not fit; use ops.maxpool_relevance")
     name = _backend.choose(x.device)
     if x.numel() == 0:
         return torch.zeros(x.shape, dtype=R.dtype, device=x.device)
