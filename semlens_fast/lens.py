@@ -445,7 +445,7 @@ class Lens:
             raise ArgumentError(f"the query must be a text, an image or an embedding, got {query!r}")
         try:
             q = fm.encode_images(query).float()
-        except SemlensError:
+        except (SemlensError, torch.cuda.OutOfMemoryError):
             raise
         except (TypeError, ValueError, RuntimeError) as exc:  # what the encoder could not take: name the argument
             raise ArgumentError(f"the image query could not be encoded by {getattr(fm, 'name', fm)!r} "
