@@ -8,9 +8,6 @@ known layers and labels; validate's bounds in [0, 1]) or raise an error from
 from __future__ import annotations
 
 import math
-import random
-
-import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -18,21 +15,12 @@ from hypothesis import strategies as st
 from semlens_fast.errors import SemlensError
 from semlens_fast.lens import UNLABELLED, Lens
 from semlens_fast.validate import validate
+from tests.fuzz_helpers import choose
 from tests.test_lens import D, TEMPLATES, WORDS, BagFM, make_db
 from tests.test_validate import X, Toy, toy_stages
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                    HealthCheck.function_scoped_fixture])
-
-
-def choose(draw, weighted):
-    """One item of ``[(weight, item), ...]`` (a seeded draw: hypothesis would favour the first)."""
-    r = random.Random(draw(st.integers(0, 2**32 - 1))).random() * sum(w for w, _ in weighted)
-    for w, item in weighted:
-        r -= w
-        if r < 0:
-            return item
-    return weighted[-1][1]
 
 
 FM = BagFM()

@@ -11,7 +11,6 @@ reference's; any other exception, or a result that differs, fails."""
 from __future__ import annotations
 
 import os
-import random
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from semlens_fast.index import EmbeddingIndex
 from semlens_fast.ops import (
     TopKState, _backend, cosine_topk, merge_topk, pairwise_max, pairwise_topk, pool_topk_update, topk_update,
 )
+from tests.fuzz_helpers import chance, choose
 
 ext = _backend.extension()
 CPU_ISAS = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(ext.best_isa()) + 1] if ext else []
@@ -94,21 +94,7 @@ def check(isa, fn, *args, **kw):
 
 
 # --------------------------------------------------------------------------- strategies
-# Hypothesis favours the simplest choice of a sampled_from or a small integer, so the
-# "valid or broken" decisions go through a seeded random.Random: the rates below hold.
-
-def choose(draw, weighted):
-    """One item of ``[(weight, item), ...]`` with those probabilities."""
-    r = random.Random(draw(st.integers(0, 2**32 - 1))).random() * sum(w for w, _ in weighted)
-    for w, item in weighted:
-        r -= w
-        if r < 0:
-            return item
-    return weighted[-1][1]
-
-
-def chance(draw, p):
-    return choose(draw, [(p, True), (1 - p, False)])
+# valid-or-broken decisions: tests/fuzz_helpers.py (choose, chance)
 
 
 @st.composite
