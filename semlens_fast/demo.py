@@ -376,14 +376,16 @@ def _run_demo(run: Run, base: Any, test: Any, mask: torch.Tensor, cfg: DemoConfi
         f"recall {a['recall']:.2f}).")
     if audit.classes:
         c0 = audit.classes[0]
-        say(f"Affected class: '{c0['name']}' ranks first (z {c0['z']:.1f}; the stamp's effect on its logit that flows "
-            f"through the flagged channels, against placebo edits); classes relying on the stamp: "
-            f"{', '.join(audit.affected) or 'none significant'}.")
+        effect = (f"the stamp raises its probability by {c0['causal_delta']:+.3f}" if "causal_delta" in c0
+                  else f"z {c0['z']:.1f}")
+        say(f"Affected class: '{c0['name']}' ranks first ({effect}); classes relying on the stamp (raised, and "
+            f"through the flagged channels more than by placebo edits): {', '.join(audit.affected) or 'none significant'}.")
     if audit.agreement:
         ag = audit.agreement
-        say(f"Causal check (no foundation model: the stamp's effect on each channel, 95% CI): "
-            f"{ag['flagged_and_causal']} flagged channels confirmed, {ag['flagged_only']} not; "
-            f"{ag['causal_only']} more channels respond to the stamp without being flagged.")
+        say(f"The two tests apart: the foundation-model test alone (FDR {audit.fdr:g}) flags "
+            f"{ag['fm_and_causal'] + ag['fm_only']} channels, {ag['fm_and_causal']} of which the causal "
+            f"check (no foundation model: the stamp's effect on each channel) confirms; the causal check finds "
+            f"{ag['causal_only']} more. Flagged: both (causal, and concept examples leaning towards the stamp).")
     if listed:
         say(f"The data behind it: {len(listed)} training images listed for the flagged channels (the '{c0['name'] if audit.classes else cname}' "
             f"images with the most relevance through each); {a['listed_stamped_share']:.0%} carry the stamp.")

@@ -326,6 +326,12 @@ def _t_quantile(confidence: float, df: int) -> float:
     return float(stats.t.ppf(0.5 + confidence / 2, max(df, 1)))
 
 
+def _t_sf(t, df: int):
+    from scipy import stats
+
+    return stats.t.sf(t, max(df, 1))
+
+
 @dataclass
 class InterventionResult:
     """Output of :func:`intervene`.
@@ -354,12 +360,31 @@ class InterventionResult:
     class_high: torch.Tensor | None = None
     unchanged: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    p_value: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def causal(self, layer: str) -> torch.Tensor:
         if layer not in self.delta:
             raise ArgumentError(f"layer {layer!r} was not measured; measured: {self.layers}")
         e = torch.nan_to_num(self.effect[layer], nan=0.0)
         return (self.low[layer] > 0) & (e >= self.min_effect)
+
+    def significant(self, fdr: float) -> dict[str, torch.Tensor]:
+        """Per layer ``[C]`` bool: the transform raises the component, with the one-sided p-values of
+        all measured components (every layer together) controlled by Benjamini-Hochberg at ``fdr``,
+        and ``effect >= min_effect``."""
+        from .audit import benjamini_hochberg
+
+        if not self.p_value:
+            raise ArgumentError("this result has no p-values (it was not made by intervene())")
+        p = torch.cat([self.p_value[n].double() for n in self.layers])
+        rej, _ = benjamini_hochberg(p, fdr)
+        out, i = {}, 0
+        for n in self.layers:
+            C = self.p_value[n].numel()
+            e = torch.nan_to_num(self.effect[n], nan=0.0)
+            out[n] = rej[i:i + C] & (e >= self.min_effect)
+            i += C
+        return out
 
     def to_records(self) -> list[dict[str, Any]]:
         rows = []
@@ -417,11 +442,15 @@ def intervene(model: nn.Module, data: Any, transform: Callable, layers: str | Se
     a1, y1 = pooled_activations(model, src.inputs(raw_t), names, pool, batch_size)
     N = int(idx.numel())
     tq = _t_quantile(confidence, N - 1)
-    delta, low, high, effect, base = {}, {}, {}, {}, {}
+    delta, low, high, effect, base, pv = {}, {}, {}, {}, {}, {}
     for nm in names:
         d = (a1[nm] - a0[nm]).double()
         m, s = d.mean(0), d.std(0)
         half = tq * s / math.sqrt(N)
+        # one-sided paired t-test of "the transform raises the component" (a constant change: 0 or 1)
+        t = torch.where(s > 0, m * math.sqrt(N) / s.clamp(min=1e-300),
+                        torch.where(m > 0, torch.full_like(m, math.inf), torch.full_like(m, -math.inf)))
+        pv[nm] = torch.from_numpy(_t_sf(t.numpy(), N - 1))
         sd0 = a0[nm].double().std(0)
         delta[nm], low[nm], high[nm] = m.float(), (m - half).float(), (m + half).float()
         effect[nm] = torch.where(sd0 > 0, m / sd0.clamp(min=1e-300), torch.full_like(m, float("nan"))).float()
@@ -433,7 +462,7 @@ def intervene(model: nn.Module, data: Any, transform: Callable, layers: str | Se
         half = tq * s / math.sqrt(N)
         cd, cl, ch = m.float(), (m - half).float(), (m + half).float()
     return InterventionResult(names, delta, low, high, effect, base, N, float(confidence), pool, float(min_effect),
-                              idx.tolist(), cd, cl, ch, unchanged)
+                              idx.tolist(), cd, cl, ch, unchanged, p_value=pv)
 
 
 # ---------------------------------------------------------------------- receptive fields

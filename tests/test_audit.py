@@ -269,6 +269,14 @@ def test_intervene_matches_exact_values():
     assert int(res.class_delta.argmax()) == 2 and float(res.class_low[2]) > 0
     assert res.unchanged == int(carry[idx].sum())  # already-marked samples are left as they were
     assert 0 in {r["component"] for r in res.to_records() if r["causal"]}
+    # the p-values: one-sided paired t-tests; significant() is BH over them and the effect threshold
+    t = d.mean(0) / (d.std(0) / 10)
+    ref_p = torch.from_numpy(stats.t.sf(t.numpy(), 99))
+    torch.testing.assert_close(res.p_value["conv"], ref_p)
+    rej, _ = benjamini_hochberg(ref_p, 0.05)
+    expect = rej & (torch.nan_to_num(res.effect["conv"], nan=0.0) >= res.min_effect)
+    assert torch.equal(res.significant(0.05)["conv"], expect) and bool(expect[0])
+    assert not bool(res.significant(1e-300)["conv"].any()) or float(ref_p.min()) == 0
     with pytest.raises(ArgumentError, match="confidence"):
         intervene(model, data, SQUARE, ["conv"], confidence=95)
     with pytest.raises(ArgumentError, match="not modules"):
@@ -313,8 +321,13 @@ def test_full_audit_on_the_shortcut_network():
     assert ("conv", 0) in rep.flagged_set()
     row0 = next(r for r in rep.components if r["component"] == 0)
     assert row0["causal"] and row0["agree"] and row0["causal_effect"] > 1
-    assert rep.agreement["flagged_and_causal"] >= 1
+    assert rep.agreement["fm_and_causal"] >= 1
     assert rep.classes[0]["cls"] == 2 and "c" in rep.affected
+    # with a transform, classes rank by its effect on their probability; "relies" needs that effect surely > 0
+    deltas = [r["causal_delta"] for r in rep.classes]
+    assert deltas == sorted(deltas, reverse=True) and [r["rank"] for r in rep.classes] == list(range(1, 5))
+    assert all(r["causal_low"] > 0 for r in rep.classes if r["relies"])
+    assert rep.method["classes"].startswith("ranked by the transform's effect")
     f0 = next(r for r in rep.flagged if r["component"] == 0)
     listed = torch.tensor(f0["top_samples"])
     assert len(listed) >= 5 and bool(carry[listed].float().mean() >= 0.8)
