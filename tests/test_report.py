@@ -365,3 +365,29 @@ def test_pca_degenerate_inputs():
         pca_2d(np.zeros(4))
     with pytest.raises(ArgumentError, match="NaN"):
         pca_2d(np.array([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def test_data_behind_a_flagged_component(tmp_path):
+    """The audit's listed samples of a flagged card are drawn cropped to their receptive-field boxes."""
+    from types import SimpleNamespace
+
+    from semlens_fast.report.from_run import _evidence
+
+    imgs = torch.arange(3 * 28 * 28, dtype=torch.float32).reshape(3, 28, 28) / (3 * 28 * 28)
+    ds = SimpleNamespace(images=imgs)
+    samples = [{"id": 2, "box": [3, 4, 10, 12], "changed_by_transform": False},
+               {"id": 0, "box": [0, 0, 40, 40], "changed_by_transform": True},  # a box of another input size
+               {"id": 1}]                                                        # no box: not drawn
+    ev = _evidence(ds, samples)
+    assert [e[1] for e in ev] == [2, 0]
+    assert torch.equal(ev[0][0], imgs[2, 3:10, 4:12]) and ev[0][2] == "carries the artifact"
+    assert torch.equal(ev[1][0], imgs[0]) and ev[1][2] == "whole image (box does not fit); changed by the transform"
+    data = make_data()
+    data.layers[1].components[0].evidence = ev
+    index = write_report(tmp_path / "report", data)
+    page = parse(index)
+    tags = page.find("img", "evidence", "layer-1")
+    assert len(tags) == 2
+    with Image.open(index.parent / tags[0]["src"]) as png:
+        assert png.size == expected_size(imgs[2, 3:10, 4:12])
+    assert "carries the artifact" in " ".join(page.text)

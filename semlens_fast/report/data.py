@@ -24,6 +24,9 @@ class ComponentCard:
     image_ids: list[int]
     image_captions: list[str] | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    #: the data behind a flagged component: ``(image, sample id, caption)``, each image cropped to the
+    #: receptive field of the component's activation peak
+    evidence: list[tuple[Any, int, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -46,6 +46,27 @@ def _images(ds: Any, ids: list[int]) -> list[Any]:
     return ImageSource(ds).get(ids)
 
 
+def _evidence(ds: Any, samples: list[dict]) -> list[tuple[Any, int, str]]:
+    """The audit's listed samples of one component, cropped to their receptive-field boxes."""
+    from ..errors import SemlensError
+    from ..examples import crop
+
+    rows = [s for s in samples[:IMAGES_PER_CARD] if "box" in s]
+    out = []
+    for s, img in zip(rows, _images(ds, [int(s["id"]) for s in rows])):
+        try:
+            img = crop(img, s["box"])
+        except SemlensError:  # a box of another input size: the whole image, said so
+            cap = "whole image (box does not fit)"
+        else:
+            cap = ""
+        if "changed_by_transform" in s:
+            cap = (cap + "; " if cap else "") + ("carries the artifact" if not s["changed_by_transform"] else
+                                                 "changed by the transform")
+        out.append((img, int(s["id"]), cap))
+    return out
+
+
 def build_report(run: Any, out: str | Path | None = None, progress: bool = True) -> Path:
     """Write the HTML report of ``run`` to ``out`` (default ``RUN/report``); returns index.html."""
     db = run.concept_db()
@@ -60,6 +81,7 @@ def build_report(run: Any, out: str | Path | None = None, progress: bool = True)
     findings = _json(run, "findings.json")
     flagged = {(r["layer"], int(r["component"])) for r in (audit or {}).get("flagged", [])}
     rel_rows = {(r["layer"], int(r["component"])): r.get("relevance") for r in (audit or {}).get("components", [])}
+    audit_samples = (audit or {}).get("samples") or {}
     truth = {tuple(x) for x in (findings or {}).get("mark_channels", [])}
     target_name = None
     if audit and audit.get("target") is not None and classes:
@@ -99,8 +121,9 @@ def build_report(run: Any, out: str | Path | None = None, progress: bool = True)
             stamped = getattr(ds, "stamped", None)
             if isinstance(stamped, torch.Tensor) and ids:
                 extra["stamped share"] = float(stamped[ids].float().mean())
+            evidence = _evidence(ds, audit_samples.get(f"{n}:{c}", [])) if (n, c) in flagged else []
             cards.append(ComponentCard(c, lab, score, None if torch.isnan(rel[c]) else float(rel[c]), flags,
-                                       _images(ds, ids), ids, caps, extra))
+                                       _images(ds, ids), ids, caps, extra, evidence))
         note = f"{C} components; showing {'flagged and ' if any(ln == n for ln, _ in flagged) else ''}" + \
                ("most relevant" if torch.isfinite(rel).any() else "the first") + " ones; images: top training examples"
         sections.append(LayerSection(n, note, cards))

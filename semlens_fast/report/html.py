@@ -119,6 +119,7 @@ tr.flagged td{background:#ffe0e0;font-weight:600}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
 div.card{background:#fff;border:1px solid #ccc;border-radius:6px;padding:8px;max-width:560px}
 .card-head{font-weight:600;margin-bottom:4px}
+.sub{font-size:12px;color:#555;margin-top:6px}
 .badge{display:inline-block;font-size:11px;border-radius:8px;padding:1px 7px;margin-left:4px;background:#ddd}
 .badge.flag-spurious{background:#d62728;color:#fff}
 .badge.flag-most-relevant{background:#2ca02c;color:#fff}
@@ -205,11 +206,18 @@ def _card(card: ComponentCard, li: int, ci: int, images: _Images) -> str:
         tag = images.tag(img, f"l{li}_c{ci}_{k}", where, "example", f"{cap} {extra}".strip())
         extra_html = f"<br>{_e(str(extra))}" if extra else ""
         figs.append(f"<figure>{tag}<figcaption>{_e(cap)}{extra_html}</figcaption></figure>")
+    ev = []
+    for k, (img, sid, cap) in enumerate(card.evidence):
+        where = f"layers[{li}].components[{ci}].evidence[{k}]"
+        tag = images.tag(img, f"l{li}_c{ci}_e{k}", where, "evidence", f"id {fmt(sid)} {cap}".strip())
+        ev.append(f"<figure>{tag}<figcaption>{_e(f'id {fmt(sid)}')}<br>{_e(cap)}</figcaption></figure>")
+    ev_html = (f'<div class="sub">the data behind it: receptive field of the activation peak</div>'
+               f'<div class="examples evidence">{"".join(ev)}</div>') if ev else ""
     return (
         f'<div class="card" id="layer-{li}-c{int(card.component)}" data-component="{int(card.component)}">'
         f'<div class="card-head">#{int(card.component)}{badges}</div>'
         f'<div class="label">{label}</div><table class="kv">{kv_html}</table>'
-        f'<div class="examples">{"".join(figs)}</div></div>'
+        f'<div class="examples">{"".join(figs)}</div>{ev_html}</div>'
     )
 
 
