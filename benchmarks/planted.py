@@ -48,7 +48,8 @@ CLASSES = (0, 2, 4)          # T-shirt/top, Pullover, Coat
 SEEDS = (0, 1, 2)
 ROUTES = ("transform", "paste", "picture", "both", "text")
 DEFAULT_ROUTES = ("transform", "picture", "both", "text")
-VERSION = 2
+VERSION = 4
+DEV_SEED = 0                 # the seed the audit's decision rule was chosen on; the others are held out
 
 
 def grid() -> list[dict]:
@@ -125,6 +126,7 @@ def run_case(spec: dict, cache: str, routes=DEFAULT_ROUTES, n_train: int = 10000
         else:
             raise ValueError(route)
         sc = score_audit(case, rep, truth, "act")
+        sc["components"] = _component_table(rep, truth)
         sc_abl = score_audit(case, rep, truth, "abl")
         sc["vs_ablation"] = {k: sc_abl[k] for k in ("n_true", "precision", "recall", "auc", "first_true_rank")}
         sc["seconds"] = time.perf_counter() - t
@@ -134,6 +136,17 @@ def run_case(spec: dict, cache: str, routes=DEFAULT_ROUTES, n_train: int = 10000
     res["times"] = dict(prev.get("times", {}), **times) if prev is not None else times
     write_json(done, res)
     return res
+
+
+def _component_table(rep, truth) -> dict:
+    """Per component of an audit: its statistics and both truths (columns of equal length), so that
+    decision rules can be studied on stored cases without rerunning them."""
+    cols = ("layer", "component", "z", "p_value", "z_bank", "flagged", "causal_delta", "causal_low",
+            "causal_effect", "causal")
+    out = {c: [r.get(c) for r in rep.components] for c in cols}
+    out["true_act"] = [bool(truth["layers"][r["layer"]]["act"][r["component"]]) for r in rep.components]
+    out["true_abl"] = [bool(truth["layers"][r["layer"]]["abl"][r["component"]]) for r in rep.components]
+    return out
 
 
 # ---------------------------------------------------------------------- aggregation
@@ -190,6 +203,8 @@ def _f(v, d=2):
 
 
 def write_table(results: list[dict], meta: dict) -> str:
+    from semlens_fast.audit import ALIGNED_Z
+
     s = summary(results)
     gr = meta.get("grid", {})
     lines = ["# Planted-artifact benchmark of the calibrated audit", "",
@@ -216,6 +231,22 @@ def write_table(results: list[dict], meta: dict) -> str:
             f"{_f(r['listed_marked_share']['worst'])} ({_f(r['class_marked_rate'])}) | {r['nothing_flagged']} of "
             f"{r['cases']} | "
             f"{_f(r['vs_ablation']['precision'])} / {_f(r['vs_ablation']['recall'])} / {_f(r['vs_ablation']['auc'])} |")
+    dev = [r for r in results if r["spec"]["seed"] == DEV_SEED]
+    held = [r for r in results if r["spec"]["seed"] != DEV_SEED]
+    if dev and held:
+        lines += ["", f"The decision rule (causal and aligned, z > {ALIGNED_Z}; see `semlens_fast/audit.py`) was chosen on "
+                      f"seed {DEV_SEED}; the other seeds are held out:", "",
+                  "| cases | route | cases | precision mean / worst | recall mean / worst | class at rank 1 | "
+                  "listed samples marked mean / worst | nothing flagged |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, rs in ((f"seed {DEV_SEED} (chosen on)", dev), ("held-out seeds", held)):
+            for route, r in summary(rs).items():
+                if route not in ("transform", "both"):
+                    continue
+                lines.append(f"| {label} | {route} | {r['cases']} | {_f(r['precision']['mean'])} / "
+                             f"{_f(r['precision']['worst'])} | {_f(r['recall']['mean'])} / {_f(r['recall']['worst'])} | "
+                             f"{_f(100 * r['class_rank1'], 0)} % | {_f(r['listed_marked_share']['mean'])} / "
+                             f"{_f(r['listed_marked_share']['worst'])} | {r['nothing_flagged']} of {r['cases']} |")
     from semlens_fast.planted import ARCHITECTURES, MARKS
 
     lines += ["", "Per architecture and per mark (routes transform / both): precision, recall, AUC, class at rank 1, "
@@ -244,7 +275,11 @@ def write_table(results: list[dict], meta: dict) -> str:
     for route in ("transform", "both"):
         if route not in s:
             continue
-        worst = sorted(results, key=lambda r: (r["routes"].get(route, {}).get("recall", 1.0)))[:5]
+        def rec(r):  # a case without true components has no recall: it is not among the worst
+            v = r["routes"].get(route, {}).get("recall", math.nan)
+            return math.inf if v is None or math.isnan(v) else v
+
+        worst = sorted(results, key=rec)[:5]
         lines += [f"Worst cases by recall (route {route}):", "",
                   "| case | mark effect on target logit | others to target (marked) | true | flagged | precision | recall "
                   "| AUC | first true rank | class rank 1 | listed marked |",
@@ -288,7 +323,10 @@ def _store(results: list[dict], meta: dict) -> None:
     doc = {"semlens_command": meta.get("command", ""), "semlens_machine": [meta.get("machine", "")],
            "benchmarks": [], "semlens_markdown": ["See [benchmarks/PLANTED.md](benchmarks/PLANTED.md) "
                                                   "(accuracy of the calibrated audit, not timings)."],
-           "meta": meta, "summary": summary(results), "cases": results}
+           "meta": meta, "summary": summary(results),
+           # the per-component tables stay in the cache's result files (too large for the repository)
+           "cases": [dict(r, routes={k: {m: v for m, v in sc.items() if m != "components"}
+                                     for k, sc in r["routes"].items()}) for r in results]}
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, RESULTS)
