@@ -1,5 +1,5 @@
-"""Figures quoted by the hardening issues 20 and 21 (kernel and ops part), measured
-outside pytest-benchmark. Each subcommand prints one line per measurement:
+"""Figures quoted by the hardening issues 20 and 21, measured outside pytest-benchmark. Each
+subcommand prints one line per measurement:
 
     python benchmarks/figures_harden.py repro [cpu|triton]
                                                       # 20.1: cosine_topk(q, db * s, k) vs the reference, s = 1e-30..1e30
@@ -9,6 +9,10 @@ outside pytest-benchmark. Each subcommand prints one line per measurement:
                                                       # 21.7: peak memory of pairwise_topk(a, b) in this process
     python benchmarks/figures_harden.py index [Q] [k] [chunk_rows|default] [path]
                                                       # 21.7: search of a 2 GB memory-mapped index
+    python benchmarks/figures_harden.py readers [reads] [path]
+                                                      # 20.4: TopKStore loads while another process checkpoints
+    python benchmarks/figures_harden.py devzero
+                                                      # 21.3: `semlens search` on a run.json linked to /dev/zero
 
 Run each in a fresh process (peak RSS is per process). ``PYTHONPATH`` selects the tree
 measured (e.g. a build of main for the "before" figures).
@@ -140,6 +144,76 @@ def index(Q: int = 16, k: int = 10_000, chunk: str = "default", path: str = "/tm
           f"peak RSS {ru.ru_maxrss / 1024:.0f} MiB, major faults {ru.ru_majflt - ru0.ru_majflt}")
 
 
+def _checkpoint_forever(path: str, stop_file: str) -> None:
+    """The writer of ``readers``: saves stores of alternating shapes into ``path`` until ``stop_file`` exists."""
+    from semlens_fast.ops import TopKState
+    from semlens_fast.store import TopKStore
+
+    i = 0
+    while not os.path.exists(stop_file):
+        C = 64 + (i % 2) * 32
+        TopKStore({"l": TopKState.empty(C, 16)}, {"k": 16, "i": i}).save(path)
+        i += 1
+
+
+def readers(reads: int = 6000, path: str = "/tmp/semlens_readers") -> None:
+    """``reads`` loads of a TopKStore while a second process checkpoints it as fast as it can; every
+    load must return the old or the new state (64 or 96 channels), never fail."""
+    import multiprocessing as mp
+    import shutil
+
+    from semlens_fast.ops import TopKState
+    from semlens_fast.store import TopKStore
+
+    shutil.rmtree(path, ignore_errors=True)
+    stop = path + ".stop"
+    if os.path.exists(stop):
+        os.unlink(stop)
+    TopKStore({"l": TopKState.empty(64, 16)}, {"k": 16, "i": -1}).save(path)
+    w = mp.get_context("spawn").Process(target=_checkpoint_forever, args=(path, stop))
+    w.start()
+    time.sleep(1.0)  # the writer is importing torch
+    fails: dict[str, int] = {}
+    shapes: dict[int, int] = {}
+    seen = set()
+    t = time.perf_counter()
+    try:
+        for _ in range(reads):
+            try:
+                st = TopKStore.load(path)
+            except Exception as exc:  # noqa: BLE001 - counted
+                fails[type(exc).__name__] = fails.get(type(exc).__name__, 0) + 1
+                continue
+            c = st["l"].channels
+            shapes[c] = shapes.get(c, 0) + 1
+            seen.add(st.meta.get("i") if hasattr(st, "meta") else None)
+    finally:
+        open(stop, "w").close()
+        w.join(30)
+        os.unlink(stop)
+    wall = time.perf_counter() - t
+    bad = sum(v for c, v in shapes.items() if c not in (64, 96))
+    print(f"readers: {reads} loads during checkpoints in {wall:.1f} s ({len(seen)} distinct checkpoints seen): "
+          f"{sum(fails.values())} failed {fails or ''}, {bad} of a wrong shape; channels seen {shapes}")
+
+
+def devzero() -> None:
+    """`semlens search` on a run whose run.json is a symlink to /dev/zero: exit code, seconds, peak RSS of the child."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        os.symlink("/dev/zero", os.path.join(d, "run.json"))
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "semlens_fast.cli", "search", "--run", d, "a query"],
+                           capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    print(f"devzero: exit {r.returncode} in {wall:.1f} s, peak RSS of the child {ru.ru_maxrss / 1024:.0f} MiB; "
+          f"stderr: {last[:160]}")
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "repro":
@@ -150,5 +224,9 @@ if __name__ == "__main__":
         pairwise(*[int(a) for a in args[:3]], *args[3:4])
     elif cmd == "index":
         index(*[int(a) for a in args[:2]], *args[2:4])
+    elif cmd == "readers":
+        readers(*[int(a) for a in args[:1]], *args[1:2])
+    elif cmd == "devzero":
+        devzero()
     else:
         raise SystemExit(__doc__)
