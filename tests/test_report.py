@@ -380,7 +380,17 @@ def test_data_behind_a_flagged_component(tmp_path):
                {"id": 1}]                                                        # no box: not drawn
     ev = _evidence(ds, samples)
     assert [e[1] for e in ev] == [2, 0]
-    assert torch.equal(ev[0][0], imgs[2, 3:10, 4:12]) and ev[0][2] == "carries the artifact"
+    # the 7x8 field in a window of 3x its size (21x24, clipped to the 28x28 image, centred on the box: rows 0-20,
+    # columns 0-23), grey as RGB, with a red ring one pixel outside the box
+    win = ev[0][0]
+    assert win.shape == (3, 21, 24) and ev[0][2] == "carries the artifact"
+    grey = imgs[2, 0:21, 0:24]
+    ring = torch.zeros(21, 24, dtype=torch.bool)
+    ring[2, 3:13] = ring[10, 3:13] = True
+    ring[2:11, 3] = ring[2:11, 12] = True
+    assert torch.equal(win[:, ~ring], grey[~ring].expand(3, -1))
+    assert torch.equal(win[:, ring], torch.tensor([1.0, 0.0, 0.0])[:, None].expand(3, int(ring.sum())))
+    assert torch.equal(win[:, 3:10, 4:12], grey[3:10, 4:12].expand(3, -1, -1))  # the field itself is untouched
     assert torch.equal(ev[1][0], imgs[0]) and ev[1][2] == "whole image (box does not fit); changed by the transform"
     data = make_data()
     data.layers[1].components[0].evidence = ev
@@ -389,5 +399,5 @@ def test_data_behind_a_flagged_component(tmp_path):
     tags = page.find("img", "evidence", "layer-1")
     assert len(tags) == 2
     with Image.open(index.parent / tags[0]["src"]) as png:
-        assert png.size == expected_size(imgs[2, 3:10, 4:12])
+        assert png.size == expected_size(win)
     assert "carries the artifact" in " ".join(page.text)

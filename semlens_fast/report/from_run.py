@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -46,16 +46,57 @@ def _images(ds: Any, ids: list[int]) -> list[Any]:
     return ImageSource(ds).get(ids)
 
 
-def _evidence(ds: Any, samples: list[dict]) -> list[tuple[Any, int, str]]:
-    """The audit's listed samples of one component, cropped to their receptive-field boxes."""
-    from ..errors import SemlensError
+def _rgb(img: Any) -> torch.Tensor:
+    """An image (tensor [H, W] / [C, H, W], numpy or PIL; uint8 or float in [0, 1]) as float [3, H, W]."""
+    import numpy as np
+
+    t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img))
+    if not isinstance(img, torch.Tensor) and t.ndim == 3:
+        t = t.permute(2, 0, 1)  # HWC -> CHW
+    t = t.detach().cpu()
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.ndim == 2:
+        t = t[None]
+    return t[:3] if t.shape[0] >= 3 else t[:1].expand(3, -1, -1)
+
+
+def in_context(img: Any, box: Sequence[int]) -> torch.Tensor:
+    """The receptive-field ``box`` (y0, x0, y1, x1) of an activation peak in its context: a window of
+    at least 3x the box and half the image per side (clipped to the image), centred on the box, with
+    the box outlined in red just outside it. A crop of the box alone can lie entirely inside the
+    artifact (a 3x3 field in a 5x5 stamp is a white square) and shows nothing of where it sits."""
     from ..examples import crop
+
+    crop(img, box)  # validates the box against the image (ArgumentError / ShapeError)
+    t = _rgb(img)
+    H, W = t.shape[-2:]
+    y0, x0, y1, x1 = (int(v) for v in box)
+    if (y0, x0, y1, x1) == (0, 0, 0, 0):
+        return t
+    sh, sw = min(H, max(3 * (y1 - y0), H // 2)), min(W, max(3 * (x1 - x0), W // 2))
+    top = min(max((y0 + y1) // 2 - sh // 2, 0), H - sh)
+    left = min(max((x0 + x1) // 2 - sw // 2, 0), W - sw)
+    out = t[:, top:top + sh, left:left + sw].clone()
+    ry0, rx0, ry1, rx1 = y0 - top - 1, x0 - left - 1, y1 - top, x1 - left  # the ring just outside the box
+    red = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    for r in (ry0, ry1):
+        if 0 <= r < sh:
+            out[:, r, max(rx0, 0):min(rx1 + 1, sw)] = red
+    for c in (rx0, rx1):
+        if 0 <= c < sw:
+            out[:, max(ry0, 0):min(ry1 + 1, sh), c] = red
+    return out
+
+
+def _evidence(ds: Any, samples: list[dict]) -> list[tuple[Any, int, str]]:
+    """The audit's listed samples of one component: each activation peak's receptive field in its context."""
+    from ..errors import SemlensError
 
     rows = [s for s in samples[:IMAGES_PER_CARD] if "box" in s]
     out = []
     for s, img in zip(rows, _images(ds, [int(s["id"]) for s in rows])):
         try:
-            img = crop(img, s["box"])
+            img = in_context(img, s["box"])
         except SemlensError:  # a box of another input size: the whole image, said so
             cap = "whole image (box does not fit)"
         else:

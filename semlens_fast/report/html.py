@@ -211,7 +211,8 @@ def _card(card: ComponentCard, li: int, ci: int, images: _Images) -> str:
         where = f"layers[{li}].components[{ci}].evidence[{k}]"
         tag = images.tag(img, f"l{li}_c{ci}_e{k}", where, "evidence", f"id {fmt(sid)} {cap}".strip())
         ev.append(f"<figure>{tag}<figcaption>{_e(f'id {fmt(sid)}')}<br>{_e(cap)}</figcaption></figure>")
-    ev_html = (f'<div class="sub">the data behind it: receptive field of the activation peak</div>'
+    ev_html = ('<div class="sub">the data behind it: the receptive field of the activation peak (outlined in red), '
+               f'in its context</div>'
                f'<div class="examples evidence">{"".join(ev)}</div>') if ev else ""
     return (
         f'<div class="card" id="layer-{li}-c{int(card.component)}" data-component="{int(card.component)}">'
